@@ -1,0 +1,14 @@
+"""Prefect flows for kluster.ai batch inference."""
+
+from flows.batch_inference import BatchRunError, BatchRunResult, ShardResult, batch_inference
+from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow
+
+__all__ = [
+    "BatchRunError",
+    "BatchRunResult",
+    "ShardResult",
+    "batch_inference",
+    "cancel_batch_flow",
+    "list_batches_flow",
+    "list_models_flow",
+]

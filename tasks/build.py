@@ -1,0 +1,365 @@
+"""Step 1 of the lifecycle: build, validate and shard request files.
+
+Everything here streams: the input is read a line at a time and valid lines are copied
+to shard files byte for byte, so a 10-million-line input costs no more memory than a
+small one. Nothing is uploaded until every line has passed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import fsspec
+import msgspec
+import numpy as np
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
+from tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
+
+MAX_REPORTED_PROBLEMS = 20
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class RequestFileError(ValueError):
+    """The request input is malformed; nothing was uploaded. ``problems`` names each line."""
+
+    def __init__(self, source: str, problems: list[LineProblem], more: bool = False):
+        self.source = source
+        self.problems = problems
+        listed = "\n".join(f"  {p}" for p in problems)
+        tail = "\n  (further problems not listed)" if more else ""
+        super().__init__(f"{source}: {len(problems)} invalid request line(s):\n{listed}{tail}")
+
+
+def open_source(source: str | os.PathLike[str]) -> BinaryIO:
+    """Open a local path or any fsspec URL (s3://, gs://, https://, memory://...) as bytes."""
+    text = os.fspath(source)
+    if "://" not in text:
+        return open(text, "rb")  # noqa: SIM115 - the caller closes it
+    return fsspec.open(text, "rb").open()
+
+
+def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
+    if line_no == 1 and raw.startswith(_BOM):
+        return "starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without BOM"
+    if isinstance(err, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {err.start})"
+    text = str(err)
+    if isinstance(err, msgspec.ValidationError):
+        text = text.replace("`$.", "`").replace("`$`", "the line")
+        if "Expected `object`" in text and "- at" not in text:
+            return "not a JSON object"
+        if "url" in text and "Invalid enum value" in text:
+            return f"{text} (only {CHAT_COMPLETIONS_URL} is supported)"
+        return text
+    return f"not valid JSON: {text}"
+
+
+class _ShardWriter:
+    """Writes lines into successive shard files, closing one when the next line won't fit."""
+
+    def __init__(self, out_dir: Path, max_bytes: int, max_lines: int | None):
+        self.out_dir = out_dir
+        self.max_bytes = max_bytes
+        self.max_lines = max_lines
+        self.shards: list[Shard] = []
+        self._file: BinaryIO | None = None
+        self._ids: BinaryIO | None = None
+        self._hash: Any = None
+        self._lines = 0
+        self._bytes = 0
+        self._first_line = 0
+
+    def write(self, data: bytes, custom_id_json: bytes, line_no: int) -> None:
+        size = len(data)
+        if self._file is not None and (
+            self._bytes + size > self.max_bytes
+            or (self.max_lines is not None and self._lines >= self.max_lines)
+        ):
+            self._close()
+        if self._file is None:
+            self._open(line_no)
+        self._file.write(data)  # type: ignore[union-attr]
+        self._ids.write(custom_id_json)  # type: ignore[union-attr]
+        self._hash.update(data)
+        self._lines += 1
+        self._bytes += size
+
+    def _open(self, line_no: int) -> None:
+        index = len(self.shards)
+        self._file = open(self.out_dir / f"part-{index:05d}.jsonl.tmp", "wb")  # noqa: SIM115
+        self._ids = open(self.out_dir / f"part-{index:05d}.ids.tmp", "wb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self._lines = self._bytes = 0
+        self._first_line = line_no
+
+    def _close(self) -> None:
+        assert self._file is not None and self._ids is not None
+        self._file.close()
+        self._ids.close()
+        index = len(self.shards)
+        digest = self._hash.hexdigest()
+        # The content hash is in the name: the same shard always has the same identity.
+        stem = f"shard-{index:05d}-{digest[:16]}"
+        path = self.out_dir / f"{stem}.jsonl"
+        ids_path = self.out_dir / f"{stem}.ids"
+        os.replace(self._file.name, path)
+        os.replace(self._ids.name, ids_path)
+        self.shards.append(
+            Shard(
+                index=index,
+                path=str(path),
+                sha256=digest,
+                lines=self._lines,
+                bytes=self._bytes,
+                first_line=self._first_line,
+                ids_path=str(ids_path),
+            )
+        )
+        self._file = self._ids = None
+
+    def finish(self) -> list[Shard]:
+        if self._file is not None:
+            self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        for f in (self._file, self._ids):
+            if f is not None:
+                f.close()
+                Path(f.name).unlink(missing_ok=True)
+        for shard in self.shards:
+            Path(shard.path).unlink(missing_ok=True)
+            Path(shard.ids_path).unlink(missing_ok=True)
+        self._file = self._ids = None
+        self.shards = []
+
+
+def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
+    """Second pass, only when two custom_id hashes collide: confirm and name the lines."""
+    ordered = np.sort(hashes)
+    suspects = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not suspects:
+        return []
+    first_seen: dict[str, int] = {}
+    problems: list[LineProblem] = []
+    with open_source(source) as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                custom_id = request_decoder.decode(raw).custom_id
+            except (msgspec.MsgspecError, UnicodeDecodeError):
+                continue
+            if hash(custom_id) not in suspects:
+                continue
+            if custom_id in first_seen:
+                problems.append(
+                    LineProblem(
+                        line_no,
+                        f"duplicate custom_id {custom_id!r} (first used on line "
+                        f"{first_seen[custom_id]})",
+                    )
+                )
+                if len(problems) >= MAX_REPORTED_PROBLEMS:
+                    break
+            else:
+                first_seen[custom_id] = line_no
+    return problems
+
+
+def shard_request_file(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_requests_per_file: int | None = None,
+    allowed_models: Iterable[str] | None = None,
+) -> list[Shard]:
+    """Validate every line of a request JSONL file and split it into shards.
+
+    Each shard holds at most ``max_file_bytes`` bytes and ``max_requests_per_file`` lines.
+    custom_ids must be unique across the whole input. Lines are copied byte for byte, with
+    CRLF line ends normalised to LF and a final newline added where missing. On any
+    problem, no shard is left behind and ``RequestFileError`` names the lines.
+    """
+    if max_file_bytes <= 0:
+        raise ValueError("max_file_bytes must be positive")
+    if max_requests_per_file is not None and max_requests_per_file <= 0:
+        raise ValueError("max_requests_per_file must be positive")
+    models = frozenset(allowed_models) if allowed_models is not None else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = os.fspath(source)
+    writer = _ShardWriter(out, max_file_bytes, max_requests_per_file)
+    problems: list[LineProblem] = []
+    more = False
+    id_hashes = array("q")
+    decode = request_decoder.decode
+    encode = msgspec.json.encode
+    line_no = 0
+    try:
+        with open_source(source) as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                data = raw
+                if data.endswith(b"\n"):
+                    data = data[:-2] + b"\n" if data.endswith(b"\r\n") else data
+                else:
+                    data = data[:-1] + b"\n" if data.endswith(b"\r") else data + b"\n"
+                if len(data) == 1:
+                    problem = "blank line (remove empty lines from the file)"
+                elif len(data) > max_file_bytes:
+                    problem = (
+                        f"line is {len(data):,} bytes, larger than the {max_file_bytes:,}-byte "
+                        "file limit, so it fits in no shard"
+                    )
+                else:
+                    try:
+                        request = decode(data)
+                    except (msgspec.MsgspecError, UnicodeDecodeError) as err:
+                        problem = _line_reason(raw, line_no, err)
+                    else:
+                        if models is not None and request.body.model not in models:
+                            problem = f"unknown model {request.body.model!r}"
+                        else:
+                            problem = None
+                            id_hashes.append(hash(request.custom_id))
+                            if not problems:
+                                writer.write(data, encode(request.custom_id) + b"\n", line_no)
+                if problem is not None:
+                    if len(problems) >= MAX_REPORTED_PROBLEMS:
+                        more = True
+                        break
+                    problems.append(LineProblem(line_no, problem))
+        if not problems:
+            if line_no == 0:
+                problems.append(LineProblem(1, "the request file is empty"))
+            else:
+                hashes = np.frombuffer(id_hashes, dtype=np.int64)
+                problems = _duplicate_problems(name, hashes)
+        if problems:
+            raise RequestFileError(name, problems, more)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def build_request_lines(
+    prompts: Iterable[str],
+    model: str,
+    system_prompt: str | None = None,
+    completion_params: dict[str, Any] | None = None,
+    custom_id_prefix: str = "request-",
+    start: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Turn plain prompts into batch request dicts, numbered ``request-1``, ``request-2``, ..."""
+    params = dict(completion_params or {})
+    for number, prompt in enumerate(prompts, start=start):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        yield {
+            "custom_id": f"{custom_id_prefix}{number}",
+            "method": "POST",
+            "url": CHAT_COMPLETIONS_URL,
+            "body": {"model": model, "messages": messages, **params},
+        }
+
+
+def read_prompts(
+    source: str | os.PathLike[str], column: str = "text", template: str | None = None
+) -> Iterator[str]:
+    """Stream prompts from a CSV (with a header row) or JSONL file's ``column``.
+
+    ``template`` is a ``str.format`` pattern over the row's fields, e.g.
+    ``"Summarise: {text}"``; without one the column's text is the prompt.
+    """
+    text = os.fspath(source)
+    with fsspec.open(text, "rt", encoding="utf-8", newline="") as handle:
+        if text.lower().endswith((".csv", ".csv.gz")):
+            rows: Iterable[dict[str, Any]] = csv.DictReader(handle)
+        else:
+            rows = (msgspec.json.decode(line) for line in handle if line.strip())
+        for row_no, row in enumerate(rows, start=1):
+            if column not in row:
+                raise RequestFileError(text, [LineProblem(row_no, f"no {column!r} field")])
+            yield template.format(**row) if template else str(row[column])
+
+
+def write_request_lines(requests: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Write request dicts as JSONL (atomically: a crash leaves no half file). Returns lines."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    encoder = msgspec.json.Encoder()
+    count = 0
+    with open(tmp, "wb") as handle:
+        for request in requests:
+            handle.write(encoder.encode(request) + b"\n")
+            count += 1
+    os.replace(tmp, target)
+    return count
+
+
+@task(name="build-request-file")
+def build_request_file(
+    path: str,
+    requests: list[dict[str, Any]] | None = None,
+    prompts: list[str] | None = None,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    completion_params: dict[str, Any] | None = None,
+) -> str:
+    """Write a batch request JSONL file from request dicts, or from prompts and a model.
+
+    The file is validated afterwards by ``validate_and_shard``, like any user-given file.
+    """
+    if (requests is None) == (prompts is None):
+        raise ValueError("give exactly one of requests or prompts")
+    if prompts is not None:
+        if not model:
+            raise ValueError("building from prompts needs a model")
+        lines: Iterable[dict[str, Any]] = build_request_lines(
+            prompts, model, system_prompt, completion_params
+        )
+    else:
+        lines = requests  # type: ignore[assignment]
+    count = write_request_lines(lines, path)
+    get_run_logger().info("Wrote %d request lines to %s", count, path)
+    return path
+
+
+@task(name="validate-and-shard")
+def validate_and_shard(
+    source: str,
+    out_dir: str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_requests_per_file: int | None = None,
+    allowed_models: list[str] | None = None,
+) -> list[Shard]:
+    """Validate a request file and split it into shards that fit the service's limits."""
+    target = Path(out_dir)
+    for stale in [*target.glob("shard-*"), *target.glob("part-*")]:
+        stale.unlink()
+    shards = shard_request_file(
+        source, target, max_file_bytes, max_requests_per_file, allowed_models
+    )
+    get_run_logger().info(
+        "Validated %d request lines into %d shard(s)", sum(s.lines for s in shards), len(shards)
+    )
+    return shards

@@ -1,0 +1,64 @@
+"""Step 5: download a batch's output and error files, streamed to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from blocks import KlusterCredentials
+from tasks.retry import RETRY_OPTIONS
+from tasks.types import BatchInfo
+
+CHUNK_BYTES = 1 << 20
+
+
+def stream_file_to(credentials: KlusterCredentials, file_id: str, path: str | Path) -> int:
+    """Stream a file's content to ``path`` through a temporary file; returns bytes written.
+
+    A crash mid-download leaves only the ``.part`` file, never a truncated ``path``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    written = 0
+    with credentials.get_client() as client:
+        with client.files.with_streaming_response.content(file_id) as response:
+            with open(part, "wb") as handle:
+                for chunk in response.iter_bytes(CHUNK_BYTES):
+                    handle.write(chunk)
+                    written += len(chunk)
+    os.replace(part, target)
+    return written
+
+
+@task(name="download-file", **RETRY_OPTIONS)
+def download_file(credentials: KlusterCredentials, file_id: str, path: str) -> str:
+    """Download one file by id to ``path``."""
+    size = stream_file_to(credentials, file_id, path)
+    get_run_logger().info("Downloaded file %s (%d bytes) to %s", file_id, size, path)
+    return path
+
+
+@task(name="download-batch-results", **RETRY_OPTIONS)
+def download_batch_results(
+    credentials: KlusterCredentials, batch: BatchInfo, out_dir: str
+) -> tuple[str | None, str | None]:
+    """Download a finished batch's output file and error file (whichever exist).
+
+    Returns ``(output_path, error_path)``; a file the batch does not have is ``None``.
+    Partial output of a failed, expired or cancelled batch is kept too.
+    """
+    logger = get_run_logger()
+    paths: list[str | None] = []
+    for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+        if not file_id:
+            paths.append(None)
+            continue
+        path = Path(out_dir) / f"{batch.id}.{kind}.jsonl"
+        size = stream_file_to(credentials, file_id, path)
+        logger.info("Downloaded %s file %s (%d bytes) to %s", kind, file_id, size, path)
+        paths.append(str(path))
+    return paths[0], paths[1]

@@ -1,0 +1,41 @@
+"""Shared test data builders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
+
+
+def request(custom_id: str, text: str = "Say hello.", model: str = MODEL, **body: Any) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": text}], **body},
+    }
+
+
+def requests(n: int, prefix: str = "req-", model: str = MODEL) -> list[dict]:
+    return [
+        request(f"{prefix}{i}", f"Question number {i}: what is {i} + {i}?", model) for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict | bytes | str], newline: bytes = b"\n") -> Path:
+    with open(path, "wb") as handle:
+        for row in rows:
+            if isinstance(row, dict):
+                row = json.dumps(row).encode()
+            elif isinstance(row, str):
+                row = row.encode()
+            handle.write(row + newline)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
