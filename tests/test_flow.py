@@ -1,0 +1,272 @@
+"""The batch inference flow end to end against the emulator over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from blocks import KlusterCredentials, MissingCredentialsError
+from flows import (
+    BatchRunError,
+    batch_inference,
+    cancel_batch_flow,
+    list_batches_flow,
+    list_models_flow,
+)
+from tasks import RequestFileError
+from tests.conftest import TEST_API_KEY
+from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_completed_run_joins_results_by_custom_id(tmp_path, kluster_env):
+    rows = requests(7)
+    rows[3] = request(
+        "req-3", "Tell me about the moon", "deepseek-ai/DeepSeek-R1", max_completion_tokens=50
+    )
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = batch_inference(
+        input_path=str(src), output_path=str(tmp_path / "out.jsonl"), poll_interval=0.05
+    )
+    assert result.status == "completed"
+    assert len(result.batch_ids) == 1 and result.batch_id.startswith("batch")
+    assert result.request_counts.total == 7 and result.request_counts.completed == 7
+    joined = read_jsonl(result.output_path)
+    assert [r["custom_id"] for r in joined] == [r["custom_id"] for r in rows]
+    moon = joined[3]
+    assert moon["status"] == "ok" and moon["model"] == "deepseek-ai/DeepSeek-R1"
+    assert "Tell me about the moon" in moon["content"] and "emulator" in moon["content"]
+    assert result.usage.prompt_tokens == sum(r["usage"]["prompt_tokens"] for r in joined) > 0
+    assert result.usage.completion_tokens > 0
+    assert result.output_files and Path(result.output_files[0]).exists()
+    assert result.error_files == []
+
+
+def test_multi_shard_run_with_concurrency_cap(tmp_path, kluster_env):
+    rows = requests(23)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = batch_inference(
+        input_path=str(src),
+        output_path=str(tmp_path / "out.jsonl"),
+        max_requests_per_file=5,
+        max_concurrency=2,
+        poll_interval=0.05,
+    )
+    assert len(result.batch_ids) == 5 == len(set(result.batch_ids))
+    assert [s.shard.lines for s in result.shards] == [5, 5, 5, 5, 3]
+    assert [r["custom_id"] for r in read_jsonl(result.output_path)] == [
+        r["custom_id"] for r in rows
+    ]
+    assert [s.requests for s in result.summary.shards] == [5, 5, 5, 5, 3]
+    stats = kluster_env.stats()
+    assert len(stats["batches"]) == 5
+    metas = {b["id"] for b in stats["batches"]}
+    assert metas == set(result.batch_ids)
+
+
+def test_prompts_with_a_model(tmp_path, kluster_env):
+    result = batch_inference(
+        prompts=["What is 2+2?", "Name a colour."],
+        model=MODEL,
+        system_prompt="Be brief.",
+        completion_params={"max_completion_tokens": 3},
+        output_path=str(tmp_path / "o.jsonl"),
+        poll_interval=0.05,
+    )
+    joined = read_jsonl(result.output_path)
+    assert [r["custom_id"] for r in joined] == ["request-1", "request-2"]
+    assert all(r["finish_reason"] == "length" for r in joined)
+
+
+def test_malformed_file_is_refused_before_any_upload(tmp_path, kluster_env):
+    src = write_jsonl(
+        tmp_path / "in.jsonl", requests(3) + [b'{"custom_id": "x", "method": "POST"}']
+    )
+    with pytest.raises(RequestFileError, match=r"line 4: .*`url`"):
+        batch_inference(input_path=str(src), output_path=str(tmp_path / "o.jsonl"))
+    assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_existing_output_is_refused_before_any_upload(tmp_path, kluster_env):
+    out = tmp_path / "o.jsonl"
+    out.write_text("keep me\n")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        batch_inference(
+            input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(2))), output_path=str(out)
+        )
+    assert out.read_text() == "keep me\n"
+    assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
+
+
+def test_expired_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_env):
+    kluster_env.configure(lines_per_second=20, time_scale=86400 * 2)
+    rows = requests(60)
+    with pytest.raises(BatchRunError, match="expired") as err:
+        batch_inference(
+            input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
+            output_path=str(tmp_path / "o.jsonl"),
+            poll_interval=0.05,
+        )
+    result = err.value.result
+    assert result.status == "expired"
+    joined = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["custom_id"] for r in joined] == [r["custom_id"] for r in rows]
+    ok = sum(r["status"] == "ok" for r in joined)
+    assert 0 < ok < 60
+    assert {r["error"]["code"] for r in joined if r["status"] == "error"} == {"batch_expired"}
+
+
+def test_cancelled_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_env):
+    kluster_env.configure(lines_per_second=50)
+    rows = requests(300)
+    box: dict = {}
+
+    def run():
+        try:
+            batch_inference(
+                input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
+                output_path=str(tmp_path / "o.jsonl"),
+                poll_interval=0.05,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client = openai.OpenAI(api_key=TEST_API_KEY, base_url=kluster_env.base_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = [
+            b
+            for b in client.batches.list()
+            if b.status == "in_progress" and b.request_counts.completed > 0
+        ]
+        if running:
+            client.batches.cancel(running[0].id)
+            break
+        time.sleep(0.02)
+    thread.join(60)
+    assert isinstance(box.get("error"), BatchRunError), box
+    assert box["error"].result.status == "cancelled"
+    joined = read_jsonl(tmp_path / "o.jsonl")
+    assert len(joined) == 300
+    assert 0 < sum(r["status"] == "ok" for r in joined) < 300
+
+
+def test_failed_run_fails_with_the_service_errors(tmp_path, kluster_env):
+    kluster_env.configure(fail_batches=True)
+    with pytest.raises(BatchRunError, match="failed") as err:
+        batch_inference(
+            input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(3))),
+            output_path=str(tmp_path / "o.jsonl"),
+            poll_interval=0.05,
+        )
+    assert err.value.result.status == "failed"
+    assert all(r["error"]["code"] == "not_processed" for r in read_jsonl(tmp_path / "o.jsonl"))
+
+
+def test_saved_credentials_block_is_used_by_name(tmp_path, emulator, monkeypatch):
+    monkeypatch.delenv("KLUSTER_API_KEY", raising=False)
+    KlusterCredentials(api_key=TEST_API_KEY, base_url=emulator.base_url).save(
+        "test-kluster", overwrite=True
+    )
+    loaded = KlusterCredentials.load("test-kluster")
+    assert loaded.api_key.get_secret_value() == TEST_API_KEY
+    models = list_models_flow(credentials_block="test-kluster")
+    assert len(models) == 6
+    result = batch_inference(
+        requests=requests(2),
+        output_path=str(tmp_path / "o.jsonl"),
+        credentials_block="test-kluster",
+        poll_interval=0.05,
+    )
+    assert result.summary.succeeded == 2
+
+
+def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KLUSTER_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingCredentialsError, match="KLUSTER_API_KEY"):
+        list_models_flow()
+
+
+def test_ui_flows_list_and_cancel(tmp_path, kluster_env):
+    kluster_env.configure(lines_per_second=5)
+    client = openai.OpenAI(api_key=TEST_API_KEY, base_url=kluster_env.base_url)
+    file_id = client.files.create(
+        file=open(write_jsonl(tmp_path / "r.jsonl", requests(50)), "rb"), purpose="batch"
+    ).id
+    batch_id = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    ).id
+    listed = list_batches_flow(limit=5)
+    assert [b.id for b in listed] == [batch_id]
+    cancelled = cancel_batch_flow(batch_id)
+    assert cancelled.status in ("cancelling", "cancelled")
+
+
+def test_key_never_in_logs_or_result(tmp_path, kluster_env, caplog):
+    caplog.set_level(logging.DEBUG)
+    result = batch_inference(
+        requests=requests(2), output_path=str(tmp_path / "o.jsonl"), poll_interval=0.05
+    )
+    assert TEST_API_KEY not in result.model_dump_json()
+    assert TEST_API_KEY not in caplog.text
+    assert caplog.records, "logs were captured"
+
+
+def test_cli_help_and_demo_run(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "flows.batch_inference", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert help_text.returncode == 0 and "--emulator" in help_text.stdout
+    out = tmp_path / "demo.jsonl"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.batch_inference",
+            "deployments/sample-requests.jsonl",
+            "--emulator",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"Results: {out}" in run.stdout
+    assert len(read_jsonl(out)) == sum(1 for _ in open(ROOT / "deployments/sample-requests.jsonl"))
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.batch_inference",
+            "deployments/sample-requests.jsonl",
+            "--emulator",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+    json.loads(out.read_text().splitlines()[0])

@@ -1,0 +1,181 @@
+"""Joining results to requests: order, precedence, missing lines, and a property test."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tasks.build import shard_request_file
+from tasks.join import OutputExistsError, join_result_files
+from tests.helpers import read_jsonl, request, write_jsonl
+
+
+def ok_line(custom_id: str, text: str = "hi", prompt: int = 3, completion: int = 2) -> dict:
+    return {
+        "id": f"batch_req_{custom_id}",
+        "custom_id": custom_id,
+        "response": {
+            "status_code": 200,
+            "request_id": "r",
+            "body": {
+                "id": "c",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            },
+        },
+    }
+
+
+def error_line(custom_id: str, status: int = 500, code: str = "server_error") -> dict:
+    return {
+        "id": f"batch_req_{custom_id}",
+        "custom_id": custom_id,
+        "response": {
+            "status_code": status,
+            "request_id": "r",
+            "body": {"error": {"message": "boom"}},
+        },
+        "error": {"code": code, "message": f"failed with {status}"},
+    }
+
+
+def make_shards(tmp_path: Path, ids: list[str], cap: int = 3):
+    src = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in ids])
+    return shard_request_file(src, tmp_path / "shards", max_requests_per_file=cap)
+
+
+def test_output_in_input_order_whatever_the_result_order(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    shards = make_shards(tmp_path, ids)
+    shuffled = ids[:]
+    random.Random(4).shuffle(shuffled)
+    out_file = write_jsonl(
+        tmp_path / "out.jsonl", [ok_line(i, f"answer {i}") for i in shuffled[:8]]
+    )
+    err_file = write_jsonl(
+        tmp_path / "err.jsonl", [error_line(shuffled[8], 400, "invalid_request")]
+    )
+    summary = join_result_files(shards, [str(out_file), str(err_file)], tmp_path / "joined.jsonl")
+    rows = read_jsonl(tmp_path / "joined.jsonl")
+    assert [r["custom_id"] for r in rows] == ids
+    by_id = {r["custom_id"]: r for r in rows}
+    assert by_id[shuffled[0]]["content"] == f"answer {shuffled[0]}"
+    assert by_id[shuffled[0]]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+    assert by_id[shuffled[8]]["status"] == "error"
+    assert by_id[shuffled[8]]["error"]["status_code"] == 400
+    assert by_id[shuffled[9]]["error"]["code"] == "not_processed"
+    assert (summary.requests, summary.succeeded, summary.failed) == (10, 8, 2)
+    assert summary.retryable == 1  # the never-processed line; the 400 is permanent
+    assert summary.usage.total_tokens == 40
+    assert [s.requests for s in summary.shards] == [3, 3, 3, 1]
+
+
+def test_later_result_files_win(tmp_path):
+    shards = make_shards(tmp_path, ["a", "b"])
+    first = write_jsonl(
+        tmp_path / "r1.jsonl", [ok_line("a"), error_line("b", 429, "rate_limit_exceeded")]
+    )
+    second = write_jsonl(tmp_path / "r2.jsonl", [ok_line("b", "second try")])
+    join_result_files(shards, [str(first), str(second)], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [(r["custom_id"], r["status"], r["content"]) for r in rows] == [
+        ("a", "ok", "hi"),
+        ("b", "ok", "second try"),
+    ]
+
+
+def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
+    shards = make_shards(tmp_path, ["a"])
+    res = write_jsonl(tmp_path / "r.jsonl", [ok_line("a")])
+    target = tmp_path / "j.jsonl"
+    target.write_text("precious\n")
+    with pytest.raises(OutputExistsError):
+        join_result_files(shards, [str(res)], target)
+    assert target.read_text() == "precious\n"
+    join_result_files(shards, [str(res)], target, overwrite=True)
+    assert read_jsonl(target)[0]["custom_id"] == "a"
+    assert not list(tmp_path.glob("j.jsonl.tmp"))
+
+
+def test_parquet_copy(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    shards = make_shards(tmp_path, ["a", "b"])
+    res = write_jsonl(tmp_path / "r.jsonl", [ok_line("b"), error_line("a")])
+    summary = join_result_files(shards, [str(res)], tmp_path / "j.jsonl", parquet=True)
+    table = pq.read_table(summary.parquet_path).to_pylist()
+    assert [(r["custom_id"], r["status"], r["error_status_code"]) for r in table] == [
+        ("a", "error", 500),
+        ("b", "ok", None),
+    ]
+
+
+ids_strategy = st.lists(
+    st.text(
+        alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12
+    ),
+    min_size=1,
+    max_size=40,
+    unique=True,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ids=ids_strategy,
+    cap=st.integers(min_value=1, max_value=7),
+    seed=st.integers(min_value=0, max_value=10_000),
+    split=st.integers(min_value=1, max_value=3),
+)
+def test_every_custom_id_exactly_once_in_input_order(tmp_path_factory, ids, cap, seed, split):
+    tmp = tmp_path_factory.mktemp("prop")
+    shards = make_shards(tmp, ids, cap)
+    rng = random.Random(seed)
+    outcomes = {i: rng.choice(["ok", "err", "missing", "retried"]) for i in ids}
+    files: list[list[dict]] = [[] for _ in range(split + 1)]
+    for custom_id, outcome in outcomes.items():
+        if outcome == "ok":
+            rng.choice(files[:-1]).append(ok_line(custom_id, f"ans:{custom_id}"))
+        elif outcome == "err":
+            rng.choice(files[:-1]).append(error_line(custom_id))
+        elif outcome == "retried":  # failed first, succeeded in the last round
+            files[0].append(error_line(custom_id, 429, "rate_limit_exceeded"))
+            files[-1].append(ok_line(custom_id, f"ans:{custom_id}"))
+    paths = []
+    for n, rows in enumerate(files):
+        rng.shuffle(rows)
+        paths.append(str(write_jsonl(tmp / f"res{n}.jsonl", rows)))
+    summary = join_result_files(shards, paths, tmp / "joined.jsonl")
+    rows = read_jsonl(tmp / "joined.jsonl")
+    assert [r["custom_id"] for r in rows] == ids
+    for row in rows:
+        expected = outcomes[row["custom_id"]]
+        if expected in ("ok", "retried"):
+            assert row["status"] == "ok" and row["content"] == f"ans:{row['custom_id']}"
+        else:
+            assert row["status"] == "error"
+    assert summary.requests == len(ids)
+    assert summary.succeeded == sum(o in ("ok", "retried") for o in outcomes.values())
+    json.dumps(summary.model_dump())

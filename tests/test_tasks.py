@@ -1,0 +1,191 @@
+"""Each lifecycle task, driven through the openai SDK over HTTP against the emulator."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from prefect import flow
+
+from blocks import KlusterCredentials
+from tasks import (
+    BatchWaitTimeout,
+    build_request_file,
+    cancel_batch,
+    download_batch_results,
+    list_batches,
+    list_models,
+    submit_batch,
+    upload_file,
+    wait_for_batch,
+)
+from tasks.retry import is_transient_error
+from tests.conftest import TEST_API_KEY
+from tests.helpers import read_jsonl, requests, write_jsonl
+
+
+@flow
+def run_task(task, *args, **kwargs):
+    """Run one task inside a flow, as users do."""
+    return task(*args, **kwargs)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met within timeout")
+
+
+def test_full_lifecycle_through_tasks(tmp_path, credentials, emulator):
+    path = run_task(build_request_file, str(tmp_path / "req.jsonl"), requests=requests(5))
+    file_id = run_task(upload_file, credentials, path)
+    batch = run_task(submit_batch, credentials, file_id, "24h", {"team": "ml"})
+    assert batch.metadata == {"team": "ml"}
+    final = run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=30)
+    assert final.status == "completed"
+    assert final.request_counts.total == 5 and final.request_counts.completed == 5
+    out, err = run_task(download_batch_results, credentials, final, str(tmp_path / "res"))
+    assert err is None
+    lines = read_jsonl(out)
+    assert sorted(r["custom_id"] for r in lines) == sorted(f"req-{i}" for i in range(5))
+    assert all(r["response"]["status_code"] == 200 for r in lines)
+
+
+def test_list_models_and_batches(credentials, tmp_path):
+    models = run_task(list_models, credentials)
+    assert "deepseek-ai/DeepSeek-R1" in [m.id for m in models]
+    path = write_jsonl(tmp_path / "r.jsonl", requests(1))
+    file_id = run_task(upload_file, credentials, str(path))
+    ids = [run_task(submit_batch, credentials, file_id).id for _ in range(3)]
+    listed = run_task(list_batches, credentials, limit=2)
+    assert [b.id for b in listed] == ids[::-1][:2]  # newest first, limited
+
+
+def test_cancel_batch(credentials, emulator, tmp_path):
+    emulator.configure(lines_per_second=20)
+    file_id = run_task(
+        upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", requests(200)))
+    )
+    batch = run_task(submit_batch, credentials, file_id)
+    cancelled = run_task(cancel_batch, credentials, batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    final = run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=30)
+    assert final.status == "cancelled"
+    assert final.request_counts.completed < 200
+
+
+def test_wait_timeout_names_the_batch(credentials, emulator, tmp_path):
+    emulator.configure(lines_per_second=5)
+    file_id = run_task(
+        upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", requests(100)))
+    )
+    batch = run_task(submit_batch, credentials, file_id)
+    with pytest.raises(BatchWaitTimeout, match=batch.id):
+        run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=0.5)
+
+
+def test_failed_batch_is_a_final_status_not_an_error(credentials, tmp_path):
+    # An input the emulator refuses at validation (duplicate ids): upload_file does not
+    # validate lines, so this reaches the service and the batch fails there.
+    rows = requests(2) + requests(1)
+    file_id = run_task(upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", rows)))
+    batch = run_task(submit_batch, credentials, file_id)
+    final = run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=30)
+    assert final.status == "failed"
+    assert final.errors and "line" in " ".join(final.errors).lower()
+
+
+def test_expired_batch(credentials, emulator, tmp_path):
+    emulator.configure(lines_per_second=10, time_scale=86400 * 2)  # a "24h" window = 0.5 s
+    file_id = run_task(
+        upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", requests(50)))
+    )
+    batch = run_task(submit_batch, credentials, file_id)
+    final = run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=30)
+    assert final.status == "expired"
+    out, err = run_task(download_batch_results, credentials, final, str(tmp_path / "res"))
+    assert err is not None
+    codes = {r["error"]["code"] for r in read_jsonl(err)}
+    assert codes == {"batch_expired"}
+    done = len(read_jsonl(out)) if out else 0
+    assert done + len(read_jsonl(err)) == 50
+
+
+def test_auth_failure_fails_fast_with_the_service_message(emulator, tmp_path):
+    bad = KlusterCredentials(api_key="sk-wrong-key", base_url=emulator.base_url, max_retries=0)
+    path = str(write_jsonl(tmp_path / "r.jsonl", requests(1)))
+    started = time.monotonic()
+    with pytest.raises(openai.AuthenticationError, match="Invalid API key") as err:
+        run_task(upload_file, bad, path)
+    assert time.monotonic() - started < 5, "a 4xx must not be retried"
+    assert "sk-wrong-key" not in str(err.value)
+    assert emulator.stats()["requests"].get("POST /v1/files", 0) == 1
+
+
+def test_storm_of_429_and_500_is_retried_through(credentials, emulator, tmp_path):
+    # The SDK itself gives up at once (max_retries=0): only the task's retries get through.
+    creds = credentials.model_copy(update={"max_retries": 0})
+    emulator.configure(fault_rate=0.6, fault_seed=11, lines_per_second=40)
+    path = run_task(build_request_file, str(tmp_path / "req.jsonl"), requests=requests(20))
+    file_id = run_task(upload_file, creds, path)
+    batch = run_task(submit_batch, creds, file_id)
+    final = run_task(wait_for_batch, creds, batch.id, poll_interval=0.05, timeout=60)
+    assert final.status == "completed"
+    faults = emulator.stats()["faults_injected"]
+    assert faults["429"] > 0 and faults["500"] > 0
+    assert final.request_counts.completed == 20
+
+
+def test_transient_classification():
+    req = openai._base_client.httpx.Request("GET", "http://127.0.0.1/")  # noqa: SLF001
+
+    def status(code):
+        resp = openai._base_client.httpx.Response(code, request=req)  # noqa: SLF001
+        return openai.APIStatusError("x", response=resp, body=None)
+
+    assert is_transient_error(status(429)) and is_transient_error(status(503))
+    assert not is_transient_error(status(400)) and not is_transient_error(status(401))
+    assert is_transient_error(openai.APIConnectionError(request=req))
+    assert not is_transient_error(ValueError("bad input"))
+
+
+def test_quirky_responses_parse(credentials, emulator, tmp_path):
+    emulator.configure(
+        pre_schedule=True,
+        string_timestamps=True,
+        errors_as_list=True,
+        list_extras=True,
+        capitalised_statuses=True,
+        internal_filenames=True,
+        lines_per_second=200,
+    )
+    file_id = run_task(
+        upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", requests(20)))
+    )
+    batch = run_task(submit_batch, credentials, file_id, "72h")
+    assert batch.completion_window == "72h"
+    assert batch.created_at is not None
+    final = run_task(wait_for_batch, credentials, batch.id, poll_interval=0.02, timeout=30)
+    assert final.status == "completed" and final.errors == []
+    assert final.request_counts.completed == 20
+    assert run_task(list_batches, credentials, limit=5)[0].id == batch.id
+    raw = json.loads(
+        Path(run_task(download_batch_results, credentials, final, str(tmp_path))[0])
+        .read_text()
+        .splitlines()[0]
+    )
+    assert raw["response"]["status_code"] == 200
+
+
+def test_credentials_repr_hides_the_key(emulator):
+    creds = KlusterCredentials(api_key=TEST_API_KEY, base_url=emulator.base_url)
+    assert TEST_API_KEY not in repr(creds) and TEST_API_KEY not in str(creds)
+    client = creds.get_client()
+    assert client.base_url.host == "127.0.0.1"
