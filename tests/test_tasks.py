@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from prefect import flow
@@ -144,10 +145,10 @@ def test_storm_of_429_and_500_is_retried_through(credentials, emulator, tmp_path
 
 
 def test_transient_classification():
-    req = openai._base_client.httpx.Request("GET", "http://127.0.0.1/")  # noqa: SLF001
+    req = httpx.Request("GET", "http://127.0.0.1/")
 
     def status(code):
-        resp = openai._base_client.httpx.Response(code, request=req)  # noqa: SLF001
+        resp = httpx.Response(code, request=req)
         return openai.APIStatusError("x", response=resp, body=None)
 
     assert is_transient_error(status(429)) and is_transient_error(status(503))
