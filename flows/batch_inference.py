@@ -7,13 +7,17 @@ Python, or deploy it and trigger it from the Prefect UI.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -22,24 +26,34 @@ from pydantic import BaseModel, Field
 from blocks import KlusterCredentials, resolve_credentials
 from tasks.build import build_request_file, validate_and_shard
 from tasks.download import download_batch_results
-from tasks.join import JoinSummary, OutputExistsError, join_results
+from tasks.join import JoinSummary, OutputExistsError
+from tasks.journal import Journal
 from tasks.manage import list_models
 from tasks.progress import forget_run, summed_counts
-from tasks.submit import submit_batch
+from tasks.rounds import build_retry_shards, join_round, write_parquet
+from tasks.submit import (
+    find_existing_batches,
+    identity_key,
+    matches,
+    reusable,
+    shard_identity,
+    submit_shard,
+)
 from tasks.types import DEFAULT_MAX_FILE_BYTES, BatchInfo, RequestCounts, Shard, TokenUsage
-from tasks.upload import upload_file
-from tasks.wait import wait_for_batch
+from tasks.upload import clean_up_uploads, upload_shard
+from tasks.wait import BatchWaitTimeout, wait_for_batch
 
 
 class BatchRunError(RuntimeError):
     """A batch ended failed, expired or cancelled. Whatever output existed was kept."""
 
-    def __init__(self, message: str, result: BatchRunResult):
+    def __init__(self, message: str, result: BatchRunResult | None = None):
         self.result = result
         super().__init__(message)
 
 
 class ShardResult(BaseModel):
+    round: int = Field(1, description="1 for the first try, 2+ for failed-line rounds.")
     shard: Shard
     batch: BatchInfo
     output_file: str | None = None
@@ -49,8 +63,9 @@ class ShardResult(BaseModel):
 class BatchRunResult(BaseModel):
     """What a batch inference run produced."""
 
-    status: str = Field(description="completed, or the first non-completed final status.")
+    status: str = Field(description="completed, or the final round's worst batch status.")
     batch_ids: list[str]
+    rounds: int = 1
     request_counts: RequestCounts
     usage: TokenUsage
     output_path: str
@@ -65,57 +80,74 @@ class BatchRunResult(BaseModel):
         return self.batch_ids[0]
 
 
+@dataclass
+class _Run:
+    """Settings every shard of one run shares."""
+
+    credentials: KlusterCredentials
+    work: Path
+    completion_window: str
+    metadata: dict[str, str]
+    poll_interval: float
+    deadline: float | None
+    max_concurrency: int
+    nonce: str | None
+
+    @property
+    def journal_path(self) -> str:
+        return str(self.work / "journal.jsonl")
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+
 def _start_shard(
-    credentials: KlusterCredentials,
-    shard: Shard,
-    results_dir: str,
-    completion_window: str,
-    metadata: dict[str, str],
-    poll_interval: float,
-    timeout: float | None,
-) -> tuple[PrefectFuture[BatchInfo], PrefectFuture[tuple[str | None, str | None]]]:
+    run: _Run, shard: Shard, round_no: int, existing: BatchInfo | None
+) -> tuple[PrefectFuture[BatchInfo], PrefectFuture[tuple[str | None, str | None]], Any]:
     """Chain one shard's upload -> submit -> wait -> download as Prefect task futures."""
-    uploaded = upload_file.submit(credentials, shard.path)
-    shard_meta = {**metadata, "shard_sha256": shard.sha256, "shard_index": str(shard.index)}
-    submitted = submit_batch.submit(credentials, uploaded, completion_window, shard_meta)
-    finished = wait_for_batch.submit(credentials, submitted, poll_interval, timeout)
-    downloaded = download_batch_results.submit(credentials, finished, results_dir)
-    return finished, downloaded
+    identity = shard_identity(shard, round_no, run.nonce)
+    creds, journal = run.credentials, run.journal_path
+    uploaded = upload_shard.submit(creds, shard, identity, journal, existing)
+    submitted = submit_shard.submit(creds, uploaded, journal, run.completion_window, run.metadata)
+    cleaned = clean_up_uploads.submit(creds, shard, submitted, journal, identity_key(identity))
+    finished = wait_for_batch.submit(creds, submitted, run.poll_interval, run.remaining())
+    results_dir = str(run.work / f"round-{round_no}" / "results")
+    downloaded = download_batch_results.submit(creds, finished, results_dir)
+    return finished, downloaded, cleaned
 
 
 def run_shards(
-    credentials: KlusterCredentials,
-    shards: list[Shard],
-    results_dir: str,
-    completion_window: str,
-    metadata: dict[str, str],
-    poll_interval: float,
-    timeout: float | None,
-    max_concurrency: int,
+    run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
 ) -> list[ShardResult]:
     """Run every shard's lifecycle, at most ``max_concurrency`` shards at a time."""
     waiting = list(shards)
     running: dict[Any, tuple[Shard, PrefectFuture[BatchInfo]]] = {}
+    cleanups: list[Any] = []
     results: dict[int, ShardResult] = {}
     while waiting or running:
-        while waiting and len(running) < max(1, max_concurrency):
+        while waiting and len(running) < max(1, run.max_concurrency):
             shard = waiting.pop(0)
-            finished, downloaded = _start_shard(
-                credentials,
-                shard,
-                results_dir,
-                completion_window,
-                metadata,
-                poll_interval,
-                timeout,
-            )
+            identity = shard_identity(shard, round_no, run.nonce)
+            existing = next((b for b in known if matches(b, identity) and reusable(b)), None)
+            finished, downloaded, cleaned = _start_shard(run, shard, round_no, existing)
             running[downloaded] = (shard, finished)
+            cleanups.append(cleaned)
         done = next(as_completed(list(running)))
         shard, finished = running.pop(done)
+        outcome = finished.result(raise_on_failure=False)
+        if isinstance(outcome, BatchWaitTimeout):
+            raise outcome
         output_file, error_file = done.result()
         results[shard.index] = ShardResult(
-            shard=shard, batch=finished.result(), output_file=output_file, error_file=error_file
+            round=round_no,
+            shard=shard,
+            batch=outcome,
+            output_file=output_file,
+            error_file=error_file,
         )
+    for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
+        if isinstance(cleaned.result(raise_on_failure=False), BaseException):
+            get_run_logger().warning("Could not delete an unused upload; it stays on the service")
     return [results[s.index] for s in shards]
 
 
@@ -126,10 +158,58 @@ def _overall_status(batches: list[BatchInfo]) -> str:
     return "completed"
 
 
+def default_work_dir(output_path: str, work_dir: str | None = None) -> Path:
+    """Where a run keeps shards, its journal and downloads: stable across reruns."""
+    if work_dir:
+        return Path(work_dir)
+    output = Path(output_path)
+    return output.with_name(output.name + ".work")
+
+
+def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:
+    """Cancel each batch that is still running; returns the ids asked to cancel."""
+    cancelled = []
+    with credentials.get_client() as client:
+        for batch_id in batch_ids:
+            try:
+                batch = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
+                if not batch.is_terminal and batch.status != "cancelling":
+                    client.batches.cancel(batch_id, extra_body={})
+                    cancelled.append(batch_id)
+            except Exception as exc:  # keep going: cancel as many as possible
+                logging.getLogger(__name__).warning(
+                    "Could not cancel batch %s: %s", batch_id, type(exc).__name__
+                )
+    return cancelled
+
+
+def cancel_remote_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation hook: a cancelled flow run cancels its batches still running."""
+    params = flow_run.parameters or {}
+    work = default_work_dir(params.get("output_path", "results.jsonl"), params.get("work_dir"))
+    batch_ids = Journal(work / "journal.jsonl").batch_ids()
+    if not batch_ids:
+        return
+    credentials = resolve_credentials(params.get("credentials_block"))
+    cancelled = cancel_running_batches(credentials, batch_ids)
+    logging.getLogger(__name__).warning(
+        "Flow run cancelled: cancelled %d running batch(es): %s",
+        len(cancelled),
+        ", ".join(cancelled) or "none",
+    )
+
+
+def _publish_final(output: Path, joined: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass overwrite=True to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(joined, output)
+
+
 @flow(
     name="kluster-batch-inference",
     task_runner=ThreadPoolTaskRunner(max_workers=64),
-    log_prints=True,
+    on_cancellation=[cancel_remote_batches_hook],
 )
 def batch_inference(
     input_path: str | None = None,
@@ -145,14 +225,19 @@ def batch_inference(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_requests_per_file: int | None = None,
     max_concurrency: int = 4,
+    max_attempts: int = 3,
     poll_interval: float = 10.0,
     timeout: float | None = None,
     check_models: bool = False,
     overwrite: bool = False,
     parquet: bool = False,
+    resubmit: bool = False,
     work_dir: str | None = None,
 ) -> BatchRunResult:
     """Run chat-completion requests as kluster.ai batch jobs and join the results.
+
+    Rerunning with the same inputs after a crash reuses the uploads and batches already
+    made (found on the service by the shard hash in their metadata): nothing is paid twice.
 
     Args:
         input_path: A batch request JSONL file (local path or fsspec URL). Or give
@@ -171,25 +256,43 @@ def batch_inference(
         max_file_bytes: Largest shard file (the service takes at most 100 MB).
         max_requests_per_file: Most lines per shard (the free tier takes under 1000).
         max_concurrency: How many shards run at once.
+        max_attempts: Rounds for lines that failed for a transient reason (429, 5xx,
+            timeout) or never ran (expired, cancelled); 1 means no retry round.
         poll_interval: Seconds between status checks.
-        timeout: Seconds to wait for each batch before failing the run (None: no limit).
+        timeout: Seconds the whole run may wait for its batches; when it runs out, the
+            batches still running are cancelled and the run fails (None: no limit).
         check_models: Refuse lines whose model is not in the service's model list.
         overwrite: Replace an existing output file.
         parquet: Also write a Parquet copy (needs pyarrow).
-        work_dir: Where shards and downloaded files go (default: beside the output).
+        resubmit: Make new batches even if the service has batches for these inputs.
+        work_dir: Where shards, the journal and downloads go (default: beside the output).
     """
     logger = get_run_logger()
     output = Path(output_path)
-    for existing in (output, output.with_suffix(".parquet") if parquet else None):
+    parquet_output = output.with_suffix(".parquet") if parquet else None
+    for existing in (output, parquet_output):
         if existing is not None and existing.exists() and not overwrite:
             raise OutputExistsError(f"{existing} already exists; pass overwrite=True to replace it")
-    work = Path(work_dir) if work_dir else output.with_name(output.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    credentials = resolve_credentials(credentials_block)
-
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
     given = [x is not None for x in (input_path, requests, prompts)]
     if sum(given) != 1:
         raise ValueError("give exactly one of input_path, requests or prompts")
+    work = default_work_dir(output_path, work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    credentials = resolve_credentials(credentials_block)
+    ctx = FlowRunContext.get()
+    run = _Run(
+        credentials=credentials,
+        work=work,
+        completion_window=completion_window,
+        metadata=dict(metadata or {}),
+        poll_interval=poll_interval,
+        deadline=None if timeout is None else time.monotonic() + timeout,
+        max_concurrency=max_concurrency,
+        nonce=str(ctx.flow_run.id) if resubmit and ctx and ctx.flow_run else None,
+    )
+
     source = input_path
     if source is None:
         source = build_request_file(
@@ -204,55 +307,86 @@ def batch_inference(
     shards = validate_and_shard(
         source, str(work / "shards"), max_file_bytes, max_requests_per_file, allowed
     )
+    journal = Journal(run.journal_path)
+    known = find_existing_batches(credentials, since=None) if not resubmit else []
+    all_results: list[ShardResult] = []
+    result_files: list[str] = []
+    round_shards, round_no = shards, 1
     try:
-        shard_results = run_shards(
-            credentials,
-            shards,
-            str(work / "results"),
-            completion_window,
-            metadata or {},
-            poll_interval,
-            timeout,
-            max_concurrency,
-        )
+        while True:
+            round_results = run_shards(run, round_shards, round_no, known)
+            all_results += round_results
+            result_files += [p for r in round_results for p in (r.output_file, r.error_file) if p]
+            joined = work / f"round-{round_no}" / "joined.jsonl"
+            retry_ids = work / f"round-{round_no}" / "retry.ids"
+            summary = join_round(shards, result_files, str(joined), str(retry_ids))
+            if summary.retryable == 0 or round_no >= max_attempts:
+                break
+            round_no += 1
+            round_shards = build_retry_shards(
+                shards,
+                str(retry_ids),
+                str(work / f"round-{round_no}" / "shards"),
+                max_file_bytes,
+                max_requests_per_file,
+            )
+            if not resubmit:
+                known = known + find_existing_batches(
+                    credentials, since=journal.first_intent_time_any()
+                )
+    except BatchWaitTimeout as exc:
+        cancelled = cancel_running_batches(credentials, journal.batch_ids())
+        raise BatchRunError(
+            f"timed out after {timeout:g} s waiting for batch {exc.batch.id} "
+            f"({exc.batch.status} {exc.batch.progress}); cancelled {len(cancelled)} running "
+            "batch(es). Rerun with the same inputs to collect what finished."
+        ) from exc
     finally:
         forget_run()
-    result_files = [path for r in shard_results for path in (r.output_file, r.error_file) if path]
-    summary = join_results(shards, result_files, str(output), overwrite, parquet)
-    batches = [r.batch for r in shard_results]
+
+    _publish_final(output, joined, overwrite)
+    summary.output_path = str(output)
+    if parquet_output is not None:
+        write_parquet(output, parquet_output)
+        summary.parquet_path = str(parquet_output)
+    last_round = [r.batch for r in all_results if r.round == round_no]
+    batches = [r.batch for r in all_results]
     result = BatchRunResult(
-        status=_overall_status(batches),
+        status=_overall_status(last_round),
         batch_ids=[b.id for b in batches],
+        rounds=round_no,
         request_counts=summed_counts(batches),
         usage=summary.usage,
-        output_path=summary.output_path,
+        output_path=str(output),
         parquet_path=summary.parquet_path,
-        output_files=[r.output_file for r in shard_results if r.output_file],
-        error_files=[r.error_file for r in shard_results if r.error_file],
-        shards=shard_results,
+        output_files=[r.output_file for r in all_results if r.output_file],
+        error_files=[r.error_file for r in all_results if r.error_file],
+        shards=all_results,
         summary=summary,
     )
     logger.info(
-        "Batch run %s: %d requests, %d ok, %d failed; %d prompt + %d completion tokens; "
-        "results in %s",
+        "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
+        "completion tokens; results in %s",
         result.status,
+        round_no,
         summary.requests,
         summary.succeeded,
         summary.failed,
         summary.usage.prompt_tokens,
         summary.usage.completion_tokens,
-        summary.output_path,
+        output,
     )
     if result.status != "completed":
-        bad = [b for b in batches if b.status != "completed"]
+        bad = [b for b in last_round if b.status != "completed"]
         details = "; ".join(
             f"batch {b.id} {b.status} ({b.progress})"
             + (f": {', '.join(b.errors)}" if b.errors else "")
             for b in bad
         )
         raise BatchRunError(
-            f"{len(bad)} of {len(batches)} batch(es) did not complete: {details}. "
-            f"Partial results kept in {summary.output_path}",
+            f"{len(bad)} of {len(last_round)} batch(es) did not complete: {details}. "
+            f"{summary.failed} of {summary.requests} requests have no answer; partial "
+            f"results kept in {output}",
             result,
         )
     return result
@@ -277,6 +411,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES)
     parser.add_argument("--max-requests-per-file", type=int)
     parser.add_argument("--max-concurrency", type=int, default=4)
+    parser.add_argument("--max-attempts", type=int, default=3, help="rounds for failed lines")
+    parser.add_argument(
+        "--resubmit", action="store_true", help="new batches even if the service has them"
+    )
     parser.add_argument("--poll-interval", type=float, default=10.0)
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--check-models", action="store_true")
@@ -331,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_file_bytes=args.max_file_bytes,
                 max_requests_per_file=args.max_requests_per_file,
                 max_concurrency=args.max_concurrency,
+                max_attempts=args.max_attempts,
+                resubmit=args.resubmit,
                 poll_interval=args.poll_interval,
                 timeout=args.timeout,
                 check_models=args.check_models,

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from blocks import resolve_credentials
+from flows.reporting import publish_batches_table, publish_models_table
 from tasks.manage import cancel_batch, list_batches, list_models
 from tasks.types import BatchInfo, ModelInfo
 
@@ -20,6 +21,7 @@ def list_models_flow(credentials_block: str | None = None) -> list[ModelInfo]:
     """
     models = list_models(resolve_credentials(credentials_block))
     get_run_logger().info("%d models: %s", len(models), ", ".join(m.id for m in models))
+    publish_models_table(models)
     return models
 
 
@@ -35,6 +37,7 @@ def list_batches_flow(limit: int = 20, credentials_block: str | None = None) -> 
     logger = get_run_logger()
     for batch in batches:
         logger.info("%s  %-12s %s", batch.id, batch.status, batch.progress)
+    publish_batches_table(batches)
     return batches
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import openai
+from openai import OpenAI
 from prefect import task
 from prefect.logging import get_run_logger
 
 from blocks import KlusterCredentials
+from tasks.journal import Journal
 from tasks.retry import RETRY_OPTIONS
-from tasks.types import SERVICE_MAX_FILE_BYTES
+from tasks.submit import ShardUpload, identity_key
+from tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard
 
 
 class FileLimitError(ValueError):
@@ -55,3 +59,75 @@ def upload_file(
         uploaded = client.files.create(file=(Path(path).name, handle), purpose="batch")
     get_run_logger().info("Uploaded %s as file %s", Path(path).name, uploaded.id)
     return uploaded.id
+
+
+def _orphans(client: OpenAI, filename: str, recorded: set[str]) -> list[str]:
+    """Uploads of this shard that no batch uses: recorded by this run, or listed under the
+    shard's name (the name carries its hash; a service that renames files hides these)."""
+    candidates = set(recorded)
+    for item in client.files.list(purpose="batch"):
+        if item.filename == filename:
+            candidates.add(item.id)
+    return sorted(candidates)
+
+
+@task(name="upload-shard", **RETRY_OPTIONS)
+def upload_shard(
+    credentials: KlusterCredentials,
+    shard: Shard,
+    identity: dict[str, str],
+    journal_path: str,
+    existing: BatchInfo | None = None,
+) -> ShardUpload:
+    """Upload a shard once: reuse its batch or an earlier upload when the service has one."""
+    key = identity_key(identity)
+    logger = get_run_logger()
+    if existing is not None:
+        logger.info("Shard %d already has batch %s (%s)", shard.index, existing.id, existing.status)
+        return ShardUpload(key=key, identity=identity, batch=existing)
+    journal = Journal(journal_path)
+    name = Path(shard.path).name
+    with credentials.get_client() as client:
+        known = journal.latest(key, "file_id")
+        if known:
+            try:
+                client.files.retrieve(known)
+            except openai.NotFoundError:
+                known = None
+            else:
+                logger.info("Reusing upload %s of shard %d", known, shard.index)
+                return ShardUpload(key=key, identity=identity, file_id=known)
+        check_file_limits(shard.path, SERVICE_MAX_FILE_BYTES)
+        journal.record("upload_intent", key, shard=name)
+        with open(shard.path, "rb") as handle:
+            # No SDK retry: a retried upload after a lost response leaves a duplicate file.
+            uploaded = client.with_options(max_retries=0).files.create(
+                file=(name, handle), purpose="batch"
+            )
+        journal.record("uploaded", key, file_id=uploaded.id)
+    logger.info("Uploaded shard %d as file %s", shard.index, uploaded.id)
+    return ShardUpload(key=key, identity=identity, file_id=uploaded.id)
+
+
+@task(name="clean-up-uploads", **RETRY_OPTIONS)
+def clean_up_uploads(
+    credentials: KlusterCredentials, shard: Shard, batch: BatchInfo, journal_path: str, key: str
+) -> list[str]:
+    """Delete this shard's uploads that ended up with no batch (lost responses, crashes)."""
+    journal = Journal(journal_path)
+    recorded = {e["file_id"] for e in journal.events(key) if e.get("file_id")}
+    in_use = {e["file_id"] for e in journal.events() if e["event"] == "submitted"}
+    in_use.add(batch.input_file_id or "")
+    deleted = []
+    with credentials.get_client() as client:
+        for file_id in _orphans(client, Path(shard.path).name, recorded):
+            if file_id in in_use:
+                continue
+            try:
+                client.files.delete(file_id)
+            except openai.NotFoundError:
+                continue
+            deleted.append(file_id)
+    if deleted:
+        get_run_logger().info("Deleted %d unused upload(s) of shard %d", len(deleted), shard.index)
+    return deleted

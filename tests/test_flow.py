@@ -116,6 +116,7 @@ def test_expired_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_en
             input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
             output_path=str(tmp_path / "o.jsonl"),
             poll_interval=0.05,
+            max_attempts=1,
         )
     result = err.value.result
     assert result.status == "expired"
@@ -137,6 +138,7 @@ def test_cancelled_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_
                 input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
                 output_path=str(tmp_path / "o.jsonl"),
                 poll_interval=0.05,
+                max_attempts=1,
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             box["error"] = exc
@@ -170,8 +172,10 @@ def test_failed_run_fails_with_the_service_errors(tmp_path, kluster_env):
             input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(3))),
             output_path=str(tmp_path / "o.jsonl"),
             poll_interval=0.05,
+            max_attempts=2,
         )
     assert err.value.result.status == "failed"
+    assert err.value.result.rounds == 2 and len(err.value.result.batch_ids) == 2
     assert all(r["error"]["code"] == "not_processed" for r in read_jsonl(tmp_path / "o.jsonl"))
 
 

@@ -1,0 +1,106 @@
+"""Serve the kluster.ai flows from this process: no work pool, no worker.
+
+    python deployments/serve.py              # credentials from KLUSTER_API_KEY / a block
+    python deployments/serve.py --emulator   # offline: an embedded local emulator
+
+Creates the same deployments as deployments/prefect.yaml (same names, parameters and
+schedule), then runs whatever is triggered from the Prefect UI or `prefect deployment run`
+until stopped with Ctrl-C. Runs start in the project root, so relative paths such as
+deployments/sample-requests.jsonl resolve the same way as under a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python deployments/serve.py` puts deployments/ first
+    sys.path.insert(0, str(ROOT))
+
+from prefect import serve  # noqa: E402
+from prefect.deployments.runner import RunnerDeployment  # noqa: E402
+from prefect.schedules import Cron  # noqa: E402
+
+from flows.batch_inference import batch_inference  # noqa: E402
+from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
+
+TAGS = ["kluster"]
+NIGHTLY_CRON = "0 2 * * *"
+
+
+def build_deployments() -> list[RunnerDeployment]:
+    """The deployments, as in deployments/prefect.yaml."""
+    return [
+        batch_inference.to_deployment(
+            name="kluster-batch-on-demand",
+            description="Run a batch request file on kluster.ai; trigger it from the UI with "
+            '"Custom run".',
+            tags=TAGS,
+            parameters={"poll_interval": 10.0},
+        ),
+        batch_inference.to_deployment(
+            name="kluster-batch-nightly",
+            description="Every night, run the sample request file and replace the previous "
+            "results.",
+            tags=TAGS,
+            schedules=[Cron(NIGHTLY_CRON, timezone="UTC")],
+            parameters={
+                "input_path": "deployments/sample-requests.jsonl",
+                "output_path": "out/nightly/results.jsonl",
+                "overwrite": True,
+                "completion_window": "24h",
+                "poll_interval": 60.0,
+                "metadata": {"source": "kluster-batch-nightly"},
+            },
+        ),
+        list_models_flow.to_deployment(
+            name="kluster-list-models",
+            description="List the models kluster.ai offers (a table artifact on the run).",
+            tags=TAGS,
+        ),
+        list_batches_flow.to_deployment(
+            name="kluster-list-batches",
+            description="List the newest batches with status and progress (a table artifact "
+            "on the run).",
+            tags=TAGS,
+            parameters={"limit": 20},
+        ),
+        cancel_batch_flow.to_deployment(
+            name="kluster-cancel-batch",
+            description="Cancel a running batch by id; lines already done stay in its output.",
+            tags=TAGS,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python deployments/serve.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        help="start an embedded kluster.ai emulator and point the runs at it (offline demo)",
+    )
+    parser.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    with ExitStack() as stack:
+        if args.emulator:
+            from emulator import EmulatorConfig, run_emulator
+
+            emu = stack.enter_context(run_emulator(EmulatorConfig()))
+            # Runs are child processes: they inherit these.
+            os.environ["KLUSTER_BASE_URL"] = emu.base_url
+            os.environ["KLUSTER_API_KEY"] = "emulator-key"
+            print(f"Runs use the embedded kluster.ai emulator at {emu.base_url}", flush=True)
+        serve(*build_deployments(), limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

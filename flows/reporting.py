@@ -1,0 +1,338 @@
+"""What a run leaves in the Prefect UI: progress, summary and table artifacts, and events.
+
+Every function here is safe to call from a flow or task run, and a no-op (returning None)
+outside one, so library code can report unconditionally. Reporting never fails a run: a
+Prefect API error is logged as a warning and the run goes on.
+
+Nothing here sees credentials: the inputs are batch and summary values, which hold no key.
+
+Artifact keys (the UI's Artifacts page groups versions of a key across runs):
+``kluster-batch-progress``, ``kluster-batch-summary``, ``kluster-batch-shards``,
+``kluster-batches`` and ``kluster-models``. Events: ``kluster.batch.<event>`` on the
+resource ``kluster.batch.<batch id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.events import emit_event
+from prefect.events.schemas.events import Event
+
+from tasks.join import JoinSummary
+from tasks.types import BatchInfo, ModelInfo
+
+PROGRESS_KEY = "kluster-batch-progress"
+SUMMARY_KEY = "kluster-batch-summary"
+SHARDS_KEY_SUFFIX = "-shards"
+BATCHES_KEY = "kluster-batches"
+MODELS_KEY = "kluster-models"
+EVENT_PREFIX = "kluster.batch"
+# Events the batch flow emits; others are accepted (lower-cased) but these are the contract.
+BATCH_EVENTS = frozenset({"submitted", "completed", "failed", "expired", "cancelled"})
+_MAX_EVENT_ERRORS = 5
+
+_log = logging.getLogger("prefect.kluster.reporting")
+
+
+def in_run() -> bool:
+    """True inside a Prefect flow run or task run."""
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return _log
+
+
+def _warn(what: str, exc: BaseException) -> None:
+    _logger().warning("Could not %s: %s: %s", what, type(exc).__name__, exc)
+
+
+def artifact_key(text: str) -> str:
+    """A valid artifact key (lower-case letters, digits and dashes) from any text."""
+    key = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return key or "kluster"
+
+
+def _percent(done: int, total: int) -> float:
+    if total <= 0:
+        return 0.0
+    return round(min(100.0, max(0.0, 100.0 * done / total)), 2)
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else ""
+
+
+def _md(value: Any) -> str:
+    """Text for a markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def create_batch_progress(total: int, key: str | None = PROGRESS_KEY) -> UUID | None:
+    """Create a progress artifact at 0% for a run of ``total`` requests; its id, or None
+    outside a run (or if the Prefect API refused it)."""
+    if not in_run():
+        return None
+    try:
+        return create_progress_artifact(
+            progress=0.0,
+            key=artifact_key(key) if key else None,
+            description=f"0 of {total} requests done",
+        )
+    except Exception as exc:
+        _warn("create the progress artifact", exc)
+        return None
+
+
+def update_batch_progress(artifact_id: UUID | None, done: int, total: int) -> None:
+    """Set the progress artifact to ``done`` of ``total`` (as a percentage). A no-op when
+    ``artifact_id`` is None or outside a run."""
+    if artifact_id is None or not in_run():
+        return
+    try:
+        update_progress_artifact(
+            artifact_id=artifact_id,
+            progress=_percent(done, total),
+            description=f"{done} of {total} requests done",
+        )
+    except Exception as exc:
+        _warn("update the progress artifact", exc)
+
+
+# --- run summary ----------------------------------------------------------------------------
+
+
+def overall_status(batches: Sequence[BatchInfo]) -> str:
+    """completed, or the first of failed/expired/cancelled that any batch ended in."""
+    for status in ("failed", "expired", "cancelled"):
+        if any(b.status == status for b in batches):
+            return status
+    if any(not b.is_terminal for b in batches):
+        return "running"
+    return "completed"
+
+
+def _shard_index(batch: BatchInfo, position: int) -> int:
+    try:
+        return int(batch.metadata.get("shard_index", position))
+    except ValueError:
+        return position
+
+
+def shard_rows(batches: Sequence[BatchInfo], summary: JoinSummary | None = None) -> list[dict]:
+    """One row per batch (= shard): batch id, shard index, lines, status, completed, failed
+    (and the round, when batches carry a ``round`` metadata value)."""
+    lines_by_shard = {s.index: s.requests for s in summary.shards} if summary else {}
+    with_rounds = any("round" in b.metadata for b in batches)
+    rows = []
+    for position, batch in enumerate(batches):
+        index = _shard_index(batch, position)
+        row: dict[str, Any] = {"batch_id": batch.id, "shard": index}
+        if with_rounds:  # failed-line rounds reuse shard numbers: tell them apart
+            row["round"] = batch.metadata.get("round", "1")
+        row.update(
+            lines=batch.request_counts.total
+            if with_rounds
+            else lines_by_shard.get(index, batch.request_counts.total),
+            status=batch.status,
+            completed=batch.request_counts.completed,
+            failed=batch.request_counts.failed,
+        )
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(
+    batches: Sequence[BatchInfo], summary: JoinSummary, status: str | None = None
+) -> str:
+    """The run summary as markdown: status, counts, tokens and where the output is."""
+    status = status or overall_status(batches)
+    usage = summary.usage
+    rows = [
+        ("Status", f"**{status}**"),
+        ("Requests", summary.requests),
+        ("Succeeded", summary.succeeded),
+        ("Failed", f"{summary.failed} ({summary.retryable} retryable)"),
+        ("Batches", len(batches)),
+        ("Prompt tokens", usage.prompt_tokens),
+        ("Completion tokens", usage.completion_tokens),
+        ("Total tokens", usage.total_tokens),
+        ("Output", f"`{summary.output_path}`"),
+    ]
+    if summary.parquet_path:
+        rows.append(("Parquet copy", f"`{summary.parquet_path}`"))
+    out = [f"# kluster.ai batch run: {status}", "", "| | |", "|---|---|"]
+    out += [f"| {name} | {_md(value)} |" for name, value in rows]
+    out += ["", "## Batches", ""]
+    for row in shard_rows(batches, summary):
+        out.append(
+            f"- shard {row['shard']}: `{_md(row['batch_id'])}` {row['status']}, "
+            f"{row['completed']} completed, {row['failed']} failed of {row['lines']} lines"
+        )
+    problems = [(b.id, e) for b in batches for e in b.errors]
+    if problems:
+        out += ["", "## Batch errors", ""]
+        out += [f"- `{_md(batch_id)}`: {_md(error)}" for batch_id, error in problems[:20]]
+    return "\n".join(out) + "\n"
+
+
+def publish_run_summary(
+    batches: Sequence[BatchInfo],
+    summary: JoinSummary,
+    status: str | None = None,
+    key: str | None = SUMMARY_KEY,
+) -> tuple[UUID, UUID] | None:
+    """Publish the run's markdown summary (key ``key``) and its table of batches/shards
+    (key ``key + "-shards"``); their ids, or None outside a run or on an API error.
+
+    ``status`` defaults to the overall status of ``batches``; ``key=None`` makes
+    unkeyed artifacts (shown on the run page only)."""
+    if not in_run():
+        return None
+    base = artifact_key(key) if key else None
+    try:
+        markdown_id = create_markdown_artifact(
+            markdown=summary_markdown(batches, summary, status),
+            key=base,
+            description="kluster.ai batch run summary",
+        )
+        table_id = create_table_artifact(
+            table=shard_rows(batches, summary),
+            key=f"{base}{SHARDS_KEY_SUFFIX}" if base else None,
+            description="kluster.ai batches of this run, one per shard",
+        )
+    except Exception as exc:
+        _warn("publish the run summary", exc)
+        return None
+    return markdown_id, table_id
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def batch_event_payload(batch: BatchInfo) -> dict[str, Any]:
+    counts = batch.request_counts
+    payload: dict[str, Any] = {
+        "status": batch.status,
+        "request_counts": {
+            "total": counts.total,
+            "completed": counts.completed,
+            "failed": counts.failed,
+        },
+        "progress": batch.progress,
+        "input_file_id": batch.input_file_id,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "completion_window": batch.completion_window,
+    }
+    if "shard_index" in batch.metadata:
+        payload["shard_index"] = batch.metadata["shard_index"]
+    if batch.errors:
+        payload["errors"] = batch.errors[:_MAX_EVENT_ERRORS]
+    return payload
+
+
+def emit_batch_event(batch: BatchInfo, event: str) -> Event | None:
+    """Emit ``kluster.batch.<event>`` (submitted, completed, failed, expired, cancelled)
+    about the batch; Prefect relates it to the current flow and task run. Returns the
+    event, or None outside a run."""
+    if not in_run():
+        return None
+    name = f"{EVENT_PREFIX}.{event.strip().lower()}"
+    related = [
+        {
+            "prefect.resource.id": f"kluster.file.{file_id}",
+            "prefect.resource.role": role,
+        }
+        for role, file_id in (
+            ("input-file", batch.input_file_id),
+            ("output-file", batch.output_file_id),
+            ("error-file", batch.error_file_id),
+        )
+        if file_id
+    ]
+    try:
+        return emit_event(
+            event=name,
+            resource={
+                "prefect.resource.id": f"{EVENT_PREFIX}.{batch.id}",
+                "prefect.resource.name": batch.id,
+            },
+            related=related or None,
+            payload=batch_event_payload(batch),
+        )
+    except Exception as exc:
+        _warn(f"emit {name}", exc)
+        return None
+
+
+# --- tables for the list flows ----------------------------------------------------------------
+
+
+def batch_rows(batches: Iterable[BatchInfo]) -> list[dict]:
+    return [
+        {
+            "batch_id": b.id,
+            "status": b.status,
+            "progress": b.progress,
+            "total": b.request_counts.total,
+            "completed": b.request_counts.completed,
+            "failed": b.request_counts.failed,
+            "created_at": _iso(b.created_at),
+            "completed_at": _iso(b.completed_at),
+            "input_file_id": b.input_file_id or "",
+            "output_file_id": b.output_file_id or "",
+        }
+        for b in batches
+    ]
+
+
+def model_rows(models: Iterable[ModelInfo]) -> list[dict]:
+    return [
+        {"model": m.id, "owned_by": m.owned_by or "", "created": _iso(m.created)} for m in models
+    ]
+
+
+def _publish_table(rows: list[dict], key: str | None, description: str) -> UUID | None:
+    if not in_run():
+        return None
+    try:
+        return create_table_artifact(
+            table=rows, key=artifact_key(key) if key else None, description=description
+        )
+    except Exception as exc:
+        _warn(f"publish the {key or 'table'} artifact", exc)
+        return None
+
+
+def publish_batches_table(
+    batches: Sequence[BatchInfo], key: str | None = BATCHES_KEY
+) -> UUID | None:
+    """A table artifact of batches (id, status, counts, times, file ids)."""
+    return _publish_table(batch_rows(batches), key, f"{len(batches)} kluster.ai batches")
+
+
+def publish_models_table(models: Sequence[ModelInfo], key: str | None = MODELS_KEY) -> UUID | None:
+    """A table artifact of the models the service offers."""
+    return _publish_table(model_rows(models), key, f"{len(models)} kluster.ai models")

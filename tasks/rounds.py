@@ -1,0 +1,78 @@
+"""Failed-line rounds: join what came back, and build the next round from what failed
+for a transient reason (429, 5xx, timeouts) or never ran (expired, cancelled, failed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tasks.build import shard_request_file
+from tasks.join import JoinSummary, _ParquetSink, join_result_files
+from tasks.schema import JoinedLine
+from tasks.types import Shard
+
+
+@task(name="join-round")
+def join_round(
+    shards: list[Shard], result_paths: list[str], joined_path: str, retry_ids_path: str
+) -> JoinSummary:
+    """Join every result so far to the original requests; list the lines worth retrying."""
+    summary = join_result_files(
+        shards, result_paths, joined_path, overwrite=True, retry_ids_path=retry_ids_path
+    )
+    get_run_logger().info(
+        "Joined %d requests: %d ok, %d failed (%d worth another round)",
+        summary.requests,
+        summary.succeeded,
+        summary.failed,
+        summary.retryable,
+    )
+    return summary
+
+
+@task(name="build-retry-shards")
+def build_retry_shards(
+    shards: list[Shard],
+    retry_ids_path: str,
+    out_dir: str,
+    max_file_bytes: int,
+    max_requests_per_file: int | None,
+) -> list[Shard]:
+    """The original request lines of every custom_id in ``retry_ids_path``, re-sharded."""
+    with open(retry_ids_path, "rb") as handle:
+        wanted = {msgspec.json.decode(line) for line in handle}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    requests_path = out / "requests.jsonl"
+    tmp = requests_path.with_name(requests_path.name + ".tmp")
+    kept = 0
+    with open(tmp, "wb") as dest:
+        for shard in shards:
+            with open(shard.path, "rb") as lines, open(shard.ids_path, "rb") as ids:
+                for line, custom_id in zip(lines, ids, strict=True):
+                    if msgspec.json.decode(custom_id) in wanted:
+                        dest.write(line)
+                        kept += 1
+    tmp.replace(requests_path)
+    for stale in out.glob("shard-*"):
+        stale.unlink()
+    retry = shard_request_file(requests_path, out, max_file_bytes, max_requests_per_file)
+    get_run_logger().info("Next round: %d request(s) in %d shard(s)", kept, len(retry))
+    return retry
+
+
+def write_parquet(joined_path: str | Path, parquet_path: str | Path) -> None:
+    """A Parquet copy of a joined results file, written in row groups (needs pyarrow)."""
+    decoder = msgspec.json.Decoder(JoinedLine)
+    sink = _ParquetSink(Path(parquet_path))
+    done = False
+    try:
+        with open(joined_path, "rb") as handle:
+            for line in handle:
+                sink.add(decoder.decode(line))
+        done = True
+    finally:
+        sink.close(keep=done)

@@ -1,0 +1,258 @@
+"""Real processes for end-to-end tests: a Prefect server, the emulator, workers and servers.
+
+Every process starts in its own process group (session) with its output in a log file, and
+is stopped as a group (SIGTERM, then SIGKILL) so nothing outlives the test. Every wait is
+bounded and says what it was waiting for when it gives up, with the log's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect") if (BIN / "prefect").exists() else "prefect"
+T = TypeVar("T")
+
+SERVER_START_TIMEOUT = 120.0
+STOP_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def wait_for(
+    check: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    proc: Process | None = None,
+) -> T:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds, or
+    at once if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # keep the last error for the failure message
+            last_error = exc
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(
+                f"{proc.name} exited ({proc.popen.returncode}) while waiting for {what}:\n"
+                f"{tail(proc.log)}"
+            )
+        if time.monotonic() >= deadline:
+            extra = f" (last error: {last_error!r})" if last_error else ""
+            logs = f"\n{proc.name} log tail:\n{tail(proc.log)}" if proc else ""
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{extra}{logs}")
+        time.sleep(interval)
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the whole process group, then SIGKILL it if it is still there."""
+        if self.popen.poll() is None:
+            _signal_group(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children may linger after the leader is gone: kill what is left of the group.
+        _signal_group(self.popen.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def process(
+    name: str, cmd: Sequence[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT
+) -> Iterator[Process]:
+    """Run ``cmd`` in a new session with stdout+stderr in ``log_dir/name.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            list(cmd),
+            cwd=str(cwd),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc = Process(name, popen, log)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without Prefect or kluster settings, plus ``overrides``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "KLUSTER_")) and k != "PYTEST_CURRENT_TEST"
+    }
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    )
+    env.update(overrides)
+    return env
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 10) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+@dataclass
+class PrefectServer:
+    url: str  # http://127.0.0.1:PORT
+    home: Path
+    process: Process
+    log_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def client_env(self, home: Path | None = None, **overrides: str) -> dict[str, str]:
+        """Environment for a process that talks to this server (CLI, worker, serve)."""
+        return clean_env(
+            PREFECT_API_URL=self.api_url,
+            PREFECT_HOME=str(home or self.home / "client"),
+            **overrides,
+        )
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return http_json(method, f"{self.api_url}{path}", body)
+
+
+@contextmanager
+def prefect_server(
+    base_dir: Path, timeout: float = SERVER_START_TIMEOUT
+) -> Iterator[PrefectServer]:
+    """A real ``prefect server start`` on a free loopback port, SQLite in ``base_dir``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    home = base_dir / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = clean_env(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_API_URL=f"{url}/api",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_LOGGING_SERVER_LEVEL="WARNING",
+    )
+    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with process("prefect-server", cmd, env, base_dir / "logs") as proc:
+
+        def healthy() -> bool:
+            return http_json("GET", f"{url}/api/health", timeout=2) is True
+
+        wait_for(healthy, timeout, f"the Prefect server's /api/health on {url}", 0.3, proc)
+        yield PrefectServer(url=url, home=home, process=proc, log_dir=base_dir / "logs")
+
+
+@contextmanager
+def emulator_process(
+    log_dir: Path, *options: str, timeout: float = 30.0
+) -> Iterator[tuple[str, Process]]:
+    """``python -m emulator --port 0 [options]``; yields (base URL ending in /v1, process)."""
+    cmd = [sys.executable, "-m", "emulator", "--host", "127.0.0.1", "--port", "0", *options]
+    with process("emulator", cmd, clean_env(), log_dir) as proc:
+        prefix = "emulator listening on "
+
+        def base_url() -> str | None:
+            for line in tail(proc.log, 100_000).splitlines():
+                if line.startswith(prefix):
+                    return line[len(prefix) :].strip()
+            return None
+
+        url = wait_for(base_url, timeout, "the emulator's listening line", 0.1, proc)
+        wait_for(
+            lambda: http_json("GET", url.removesuffix("/v1") + "/_emulator/health", timeout=2)
+            is not None,
+            timeout,
+            "the emulator's health endpoint",
+            0.1,
+            proc,
+        )
+        yield url, proc
+
+
+def run_cli(
+    args: Sequence[str], env: dict[str, str], timeout: float = 120.0, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run a ``prefect`` CLI command to completion; raise with its output if it fails."""
+    result = subprocess.run(
+        [PREFECT, *args],
+        cwd=str(cwd),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"prefect {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def read_events(server: PrefectServer, prefix: str, limit: int = 50) -> list[dict]:
+    """Events whose name starts with ``prefix``, read back through POST /api/events/filter."""
+    body = {"filter": {"event": {"prefix": [prefix]}}, "limit": limit}
+    page = server.api("POST", "/events/filter", body)
+    return list(page.get("events") or [])

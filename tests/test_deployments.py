@@ -1,0 +1,372 @@
+"""Deployments end to end: a real Prefect server, `prefect deploy` of deployments/prefect.yaml,
+a process worker, and the emulator, all as separate processes over real HTTP.
+
+Also covers flows/reporting.py (artifacts and events) against the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import yaml
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows import reporting
+from tasks.join import JoinSummary, ShardSummary
+from tasks.types import BatchInfo, ModelInfo, RequestCounts, TokenUsage
+from tests.conftest import TEST_API_KEY
+from tests.helpers import read_jsonl, requests, write_jsonl
+from tests.server import (
+    PREFECT,
+    ROOT,
+    PrefectServer,
+    emulator_process,
+    prefect_server,
+    process,
+    read_events,
+    run_cli,
+    wait_for,
+)
+
+PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
+BATCH_FLOW = "kluster-batch-inference"
+RUN_TIMEOUT = 150  # seconds for one deployment run, worker pick-up included
+
+
+@dataclass
+class Stack:
+    server: PrefectServer
+    emulator_url: str
+    env: dict[str, str]
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Server, emulator, deployments from prefect.yaml and a worker; started once."""
+    base = tmp_path_factory.mktemp("deployments-e2e")
+    with ExitStack() as stack:
+        server = stack.enter_context(prefect_server(base))
+        emulator_url, _ = stack.enter_context(
+            emulator_process(server.log_dir, "--api-key", TEST_API_KEY)
+        )
+        env = server.client_env(
+            KLUSTER_API_KEY=TEST_API_KEY,
+            KLUSTER_BASE_URL=emulator_url,
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="5",
+        )
+        run_cli(["work-pool", "create", "kluster-pool", "--type", "process", "--overwrite"], env)
+        run_cli(
+            ["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
+            env,
+            timeout=180,
+        )
+        stack.enter_context(
+            process(
+                "worker",
+                [PREFECT, "worker", "start", "--pool", "kluster-pool", "--type", "process"],
+                env,
+                server.log_dir,
+            )
+        )
+        # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        yield Stack(server=server, emulator_url=emulator_url, env=env, work=base)
+
+
+def _deployments_in_yaml() -> dict[str, dict]:
+    config = yaml.safe_load(PREFECT_FILE.read_text())
+    return {d["name"]: d for d in config["deployments"]}
+
+
+def _artifacts(flow_run_id: UUID) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def _run(deployment: str, parameters: dict | None = None, timeout: float = RUN_TIMEOUT) -> FlowRun:
+    run = run_deployment(deployment, parameters=parameters or {}, timeout=timeout, poll_interval=1)
+    assert run.state is not None and run.state.is_final(), (
+        f"{deployment} run {run.id} not finished after {timeout}s: {run.state}"
+    )
+    return run
+
+
+def _logs_of(stack: Stack) -> str:
+    return (stack.server.log_dir / "worker.log").read_text(errors="replace")[-6000:]
+
+
+# --- deployments from prefect.yaml ---------------------------------------------------------------
+
+
+def test_prefect_yaml_deploys_every_deployment(stack: Stack) -> None:
+    wanted = _deployments_in_yaml()
+    assert set(wanted) == {
+        "kluster-batch-on-demand",
+        "kluster-batch-nightly",
+        "kluster-list-models",
+        "kluster-list-batches",
+        "kluster-cancel-batch",
+    }
+    with get_client(sync_client=True) as client:
+        found = {d.name: d for d in client.read_deployments()}
+    assert set(found) == set(wanted)
+    for name, spec in wanted.items():
+        deployment = found[name]
+        assert deployment.entrypoint == spec["entrypoint"]
+        assert deployment.work_pool_name == "kluster-pool"
+        assert deployment.parameters == spec.get("parameters", {})
+        # The pull step makes the project root (where `prefect deploy` ran) the working dir.
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+        ]
+        assert TEST_API_KEY not in json.dumps(deployment.model_dump(mode="json"))
+    nightly = found["kluster-batch-nightly"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert (ROOT / nightly.parameters["input_path"]).is_file()
+    assert not found["kluster-batch-on-demand"].schedules
+
+
+def test_serve_script_matches_prefect_yaml() -> None:
+    """deployments/serve.py serves the same deployments, parameters and schedule."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kluster_serve", ROOT / "deployments/serve.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    served = {d.name: d for d in module.build_deployments()}
+    wanted = _deployments_in_yaml()
+    assert set(served) == set(wanted)
+    for name, spec_ in wanted.items():
+        assert (served[name].parameters or {}) == spec_.get("parameters", {}), name
+        assert served[name].entrypoint.split(":")[1] == spec_["entrypoint"].split(":")[1]
+        crons = [s.schedule.cron for s in served[name].schedules or []]
+        assert crons == [s["cron"] for s in spec_.get("schedules", [])], name
+
+
+# --- running a deployment through the worker -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_demand_run(stack: Stack) -> tuple[FlowRun, Path, list[str]]:
+    """One run of the on-demand deployment over a small request file, through the worker."""
+    rows = requests(6, prefix="deploy-")
+    source = write_jsonl(stack.work / "requests.jsonl", rows)
+    output = stack.work / "out" / "results.jsonl"
+    started = time.monotonic()
+    run = _run(
+        f"{BATCH_FLOW}/kluster-batch-on-demand",
+        {
+            "input_path": str(source),
+            "output_path": str(output),
+            "poll_interval": 0.2,
+            "metadata": {"origin": "test_deployments"},
+        },
+    )
+    print(f"on-demand deployment run took {time.monotonic() - started:.1f}s")
+    return run, output, [r["custom_id"] for r in rows]
+
+
+def test_on_demand_deployment_completes(stack: Stack, on_demand_run) -> None:
+    run, output, custom_ids = on_demand_run
+    assert run.state.is_completed(), f"{run.state}\nworker log:\n{_logs_of(stack)}"
+    assert output.is_file()
+    assert sorted(line["custom_id"] for line in read_jsonl(output)) == sorted(custom_ids)
+
+
+def test_on_demand_run_leaves_artifacts_and_events(stack: Stack, on_demand_run) -> None:
+    """The batch flow reports through flows/reporting.py: summary, shard table, progress,
+    and kluster.batch.* events for its batch; none of them holds the API key."""
+    run, output, custom_ids = on_demand_run
+    artifacts = {a.key: a for a in _artifacts(run.id) if a.key}
+    assert reporting.SUMMARY_KEY in artifacts, sorted(artifacts)
+    summary = artifacts[reporting.SUMMARY_KEY]
+    assert summary.type == "markdown"
+    assert str(output) in summary.data and "completed" in summary.data
+    shards = artifacts[reporting.SUMMARY_KEY + reporting.SHARDS_KEY_SUFFIX]
+    assert shards.type == "table"
+    table = json.loads(shards.data) if isinstance(shards.data, str) else shards.data
+    assert sum(row["completed"] for row in table) >= len(custom_ids)
+    progress = artifacts[reporting.PROGRESS_KEY]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    for artifact in artifacts.values():
+        assert TEST_API_KEY not in json.dumps(artifact.model_dump(mode="json"))
+
+    def events_of_run() -> list[dict]:
+        found = [
+            e
+            for e in read_events(stack.server, "kluster.batch.")
+            if any(r.get("prefect.resource.id") == f"prefect.flow-run.{run.id}" for r in e["related"])
+        ]
+        names = {e["event"] for e in found}
+        return found if {"kluster.batch.submitted", "kluster.batch.completed"} <= names else []
+
+    events = wait_for(events_of_run, 30, f"kluster.batch.* events of flow run {run.id}")
+    completed = [e for e in events if e["event"] == "kluster.batch.completed"]
+    assert completed[0]["resource"]["prefect.resource.id"].startswith("kluster.batch.")
+    assert completed[0]["payload"]["status"] == "completed"
+    assert TEST_API_KEY not in json.dumps(events)
+
+
+def test_list_flows_publish_tables(stack: Stack, on_demand_run) -> None:
+    """List-models and list-batches deployments, run at once, each leave a table artifact."""
+    runs = {
+        name: run_deployment(f"{flow_name}/{name}", timeout=0)
+        for flow_name, name in (
+            ("kluster-list-models", "kluster-list-models"),
+            ("kluster-list-batches", "kluster-list-batches"),
+        )
+    }
+
+    def finished() -> dict[str, FlowRun] | None:
+        with get_client(sync_client=True) as client:
+            now = {name: client.read_flow_run(r.id) for name, r in runs.items()}
+        return now if all(r.state and r.state.is_final() for r in now.values()) else None
+
+    done = wait_for(finished, RUN_TIMEOUT, "the list flows to finish", interval=1)
+    for name, run in done.items():
+        assert run.state.is_completed(), f"{name}: {run.state}\n{_logs_of(stack)}"
+    models = {a.key: a for a in _artifacts(done["kluster-list-models"].id)}
+    table = json.loads(models[reporting.MODELS_KEY].data)
+    assert "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo" in {row["model"] for row in table}
+    batches = {a.key: a for a in _artifacts(done["kluster-list-batches"].id)}
+    rows = json.loads(batches[reporting.BATCHES_KEY].data)
+    assert rows and all(row["batch_id"] and row["status"] for row in rows)
+
+
+# --- flows/reporting.py on its own -------------------------------------------------------------
+
+
+def _batch(batch_id: str, status: str, index: int, done: int, failed: int = 0) -> BatchInfo:
+    return BatchInfo(
+        id=batch_id,
+        status=status,
+        input_file_id=f"file-in-{index}",
+        output_file_id=f"file-out-{index}",
+        request_counts=RequestCounts(total=done + failed, completed=done, failed=failed),
+        metadata={"shard_index": str(index)},
+        errors=["server_error: boom (line 3)"] if failed else [],
+    )
+
+
+@task
+def _report_from_a_task(batch: BatchInfo) -> bool:
+    return reporting.emit_batch_event(batch, "failed") is not None
+
+
+@flow(name="reporting-check")
+def _reporting_flow(batches: list[BatchInfo], summary: JoinSummary) -> dict:
+    progress = reporting.create_batch_progress(total=10)
+    reporting.update_batch_progress(progress, done=4, total=10)
+    reporting.update_batch_progress(progress, done=10, total=10)
+    ids = reporting.publish_run_summary(batches, summary, key="reporting-check")
+    submitted = reporting.emit_batch_event(batches[0], "submitted")
+    from_task = _report_from_a_task(batches[1])
+    tables = (
+        reporting.publish_batches_table(batches),
+        reporting.publish_models_table([ModelInfo(id="m-1", owned_by="kluster")]),
+    )
+    return {
+        "progress": progress,
+        "summary": ids,
+        "event": submitted is not None,
+        "task_event": from_task,
+        "tables": tables,
+    }
+
+
+def test_reporting_functions_inside_a_flow(stack: Stack) -> None:
+    batches = [_batch("batch-r0", "completed", 0, 7), _batch("batch-r1", "failed", 1, 1, 2)]
+    summary = JoinSummary(
+        output_path="/tmp/results | odd.jsonl",
+        requests=10,
+        succeeded=8,
+        failed=2,
+        retryable=2,
+        usage=TokenUsage(prompt_tokens=100, completion_tokens=50, total_tokens=150),
+        shards=[ShardSummary(index=0, requests=7), ShardSummary(index=1, requests=3)],
+    )
+    state = _reporting_flow(batches, summary, return_state=True)
+    out = state.result()
+    assert out["progress"] and out["summary"] and out["event"] and out["task_event"]
+    assert all(out["tables"])
+    run_id = state.state_details.flow_run_id
+    artifacts = {a.key: a for a in _artifacts(run_id)}
+    assert float(artifacts[reporting.PROGRESS_KEY].data) == 100.0
+    assert artifacts[reporting.PROGRESS_KEY].description == "10 of 10 requests done"
+    markdown = artifacts["reporting-check"].data
+    assert "**failed**" in markdown and "| Requests | 10 |" in markdown
+    assert "results \\| odd.jsonl" in markdown and "server_error: boom" in markdown
+    shard_rows = json.loads(artifacts["reporting-check-shards"].data)
+    assert shard_rows == [
+        {
+            "batch_id": "batch-r0",
+            "shard": 0,
+            "lines": 7,
+            "status": "completed",
+            "completed": 7,
+            "failed": 0,
+        },
+        {
+            "batch_id": "batch-r1",
+            "shard": 1,
+            "lines": 3,
+            "status": "failed",
+            "completed": 1,
+            "failed": 2,
+        },
+    ]
+    assert len(json.loads(artifacts[reporting.BATCHES_KEY].data)) == 2
+    assert json.loads(artifacts[reporting.MODELS_KEY].data)[0]["model"] == "m-1"
+
+    def events() -> dict[str, dict] | None:
+        mine = {
+            e["event"]: e
+            for e in read_events(stack.server, "kluster.batch.")
+            if any(r.get("prefect.resource.id") == f"prefect.flow-run.{run_id}" for r in e["related"])
+        }
+        return mine if len(mine) == 2 else None
+
+    found = wait_for(events, 30, "the reporting flow's events")
+    submitted = found["kluster.batch.submitted"]
+    assert submitted["resource"] == {
+        "prefect.resource.id": "kluster.batch.batch-r0",
+        "prefect.resource.name": "batch-r0",
+    }
+    assert submitted["payload"]["request_counts"] == {"total": 7, "completed": 7, "failed": 0}
+    failed = found["kluster.batch.failed"]
+    assert failed["payload"]["status"] == "failed" and failed["payload"]["shard_index"] == "1"
+    related = {r["prefect.resource.id"] for r in failed["related"]}
+    assert "kluster.file.file-in-1" in related
+    assert any(r.startswith("prefect.task-run.") for r in related)
+
+
+def test_reporting_is_a_no_op_outside_a_run() -> None:
+    batch = _batch("batch-x", "completed", 0, 1)
+    summary = JoinSummary(output_path="x.jsonl", requests=1, succeeded=1)
+    assert reporting.create_batch_progress(5) is None
+    assert reporting.update_batch_progress(UUID(int=1), 1, 5) is None
+    assert reporting.update_batch_progress(None, 1, 5) is None
+    assert reporting.publish_run_summary([batch], summary) is None
+    assert reporting.emit_batch_event(batch, "completed") is None
+    assert reporting.publish_batches_table([batch]) is None
+    assert reporting.publish_models_table([ModelInfo(id="m")]) is None
+    # The pure parts still work, for callers that want the text.
+    assert "| Succeeded | 1 |" in reporting.summary_markdown([batch], summary)
+    assert reporting.artifact_key("Nightly Run_2") == "nightly-run-2"
