@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Router
@@ -31,6 +31,7 @@ from .config import EmulatorConfig
 from .state import BatchRecord, FileRecord, Store, new_id, window_seconds
 from .worker import CHAT_URL, start_worker
 
+DOWNLOAD_CHUNK_BYTES = 16 * 1024
 ERROR_CODES = {400: 4000, 401: 4010, 404: 4040, 405: 4050, 413: 4130, 429: 4290, 500: 5000}
 ERROR_TYPES = {
     401: "authentication_error",
@@ -82,9 +83,12 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
         store = self.store
-        store.count_request(self._route_key(scope))
+        route = self._route_key(scope)
+        store.count_request(route)
         cfg = store.config
         drop, fault, delay = store.decide_fault()
+        if cfg.fault_routes is not None and route not in cfg.fault_routes:
+            drop = fault = False
         if delay > 0:
             await asyncio.sleep(delay)
         if (drop or fault) and not cfg.fault_after_create:
@@ -372,10 +376,20 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     async def retrieve_file(id: str) -> dict[str, Any]:
         return store.render_file(get_file(id))
 
-    @app.get("/v1/files/{id}/content")
-    async def file_content(id: str) -> FileResponse:
+    @app.get("/v1/files/{id}/content", response_model=None)
+    async def file_content(id: str) -> FileResponse | StreamingResponse:
         record = get_file(id)
-        return FileResponse(record.path, media_type="application/octet-stream")
+        delay = store.config.download_chunk_delay
+        if not delay:
+            return FileResponse(record.path, media_type="application/octet-stream")
+
+        async def slow_chunks() -> AsyncIterator[bytes]:
+            with open(record.path, "rb") as handle:
+                while chunk := handle.read(DOWNLOAD_CHUNK_BYTES):
+                    yield chunk
+                    await asyncio.sleep(delay)
+
+        return StreamingResponse(slow_chunks(), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{id}")
     async def delete_file(id: str) -> dict[str, Any]:

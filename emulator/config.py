@@ -58,6 +58,10 @@ class EmulatorConfig(BaseModel):
         default=False,
         description="Every new batch fails at validation (a service-side failure on valid input).",
     )
+    fail_once: bool = Field(
+        default=False,
+        description="A line that failed by fail_rate succeeds when it is sent again (transient).",
+    )
     fail_custom_ids: list[str] = Field(
         default_factory=list, description="custom_ids that always fail transiently."
     )
@@ -89,8 +93,17 @@ class EmulatorConfig(BaseModel):
     drop_rate: float = Field(
         default=0.0, ge=0, le=1, description="Fraction of requests whose connection is dropped."
     )
+    download_chunk_delay: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds between 16 KiB chunks of file content (slow downloads).",
+    )
     latency: float = Field(
         default=0.0, ge=0, description="Max extra seconds (uniform) before answering."
+    )
+    fault_routes: list[str] | None = Field(
+        default=None,
+        description='Only these routes get faults, e.g. ["POST /v1/batches"]; None = all.',
     )
     fault_seed: int = Field(default=0, description="Seed of the fault and fail_rate decisions.")
     fault_after_create: bool = Field(

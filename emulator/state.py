@@ -121,6 +121,7 @@ class Store:
         self.faults: dict[str, int] = {"429": 0, "500": 0, "dropped": 0}
         self._seq = itertools.count(1)
         self._fault_rng = random.Random(config.fault_seed)
+        self.failed_once: set[str] = set()
         self._fault_turn = 0
         self._closed = False
         if config.data_dir is None:
@@ -193,6 +194,7 @@ class Store:
             self.faults = {"429": 0, "500": 0, "dropped": 0}
             self._fault_rng = random.Random(self.config.fault_seed)
             self._fault_turn = 0
+            self.failed_once.clear()
         for child in self.files_dir.iterdir():
             child.unlink(missing_ok=True)
 

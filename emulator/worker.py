@@ -218,7 +218,12 @@ class _Run:
             obj = _decode(raw)
             custom_id = obj["custom_id"]
             request_id = f"req_{short}_{n}"
-            if transient_fault(custom_id, seed, rate, forced):
+            if transient_fault(custom_id, seed, rate, forced) and not (
+                cfg.fail_once and custom_id not in forced and custom_id in store.failed_once
+            ):
+                if cfg.fail_once:
+                    with store.lock:
+                        store.failed_once.add(custom_id)
                 self.err_lines += 1
                 self.transient += 1
                 err_write(_encode(_transient_line(n, custom_id, request_id, self.transient)))

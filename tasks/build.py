@@ -11,8 +11,12 @@ import csv
 import hashlib
 import os
 from array import array
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -73,84 +77,166 @@ def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
     return f"not valid JSON: {text}"
 
 
-class _ShardWriter:
-    """Writes lines into successive shard files, closing one when the next line won't fit."""
+# Input is read in blocks of whole lines; each block is checked with one decode per line and
+# written with one write per shard piece, hashed and written by a helper thread (hashlib and
+# file writes release the GIL), so the main thread only decodes.
+_BLOCK_BYTES = 1 << 22
+_PENDING_WRITES = 4
 
-    def __init__(self, out_dir: Path, max_bytes: int, max_lines: int | None):
+
+class _ShardFiles:
+    """The open shard's files and hash; used only from the writer's helper thread."""
+
+    def __init__(self, out_dir: Path):
         self.out_dir = out_dir
-        self.max_bytes = max_bytes
-        self.max_lines = max_lines
+        self.file: BinaryIO | None = None
+        self.ids: BinaryIO | None = None
+        self.hash: Any = None
         self.shards: list[Shard] = []
-        self._file: BinaryIO | None = None
-        self._ids: BinaryIO | None = None
-        self._hash: Any = None
-        self._lines = 0
-        self._bytes = 0
-        self._first_line = 0
 
-    def write(self, data: bytes, custom_id_json: bytes, line_no: int) -> None:
-        size = len(data)
-        if self._file is not None and (
-            self._bytes + size > self.max_bytes
-            or (self.max_lines is not None and self._lines >= self.max_lines)
-        ):
-            self._close()
-        if self._file is None:
-            self._open(line_no)
-        self._file.write(data)  # type: ignore[union-attr]
-        self._ids.write(custom_id_json)  # type: ignore[union-attr]
-        self._hash.update(data)
-        self._lines += 1
-        self._bytes += size
+    def open(self, index: int) -> None:
+        self.file = open(self.out_dir / f"part-{index:05d}.jsonl.tmp", "wb")  # noqa: SIM115
+        self.ids = open(self.out_dir / f"part-{index:05d}.ids.tmp", "wb")  # noqa: SIM115
+        self.hash = hashlib.sha256()
 
-    def _open(self, line_no: int) -> None:
-        index = len(self.shards)
-        self._file = open(self.out_dir / f"part-{index:05d}.jsonl.tmp", "wb")  # noqa: SIM115
-        self._ids = open(self.out_dir / f"part-{index:05d}.ids.tmp", "wb")  # noqa: SIM115
-        self._hash = hashlib.sha256()
-        self._lines = self._bytes = 0
-        self._first_line = line_no
+    def write(self, data: bytes, ids: bytes) -> None:
+        assert self.file is not None and self.ids is not None
+        self.hash.update(data)
+        self.file.write(data)
+        self.ids.write(ids)
 
-    def _close(self) -> None:
-        assert self._file is not None and self._ids is not None
-        self._file.close()
-        self._ids.close()
-        index = len(self.shards)
-        digest = self._hash.hexdigest()
+    def close(self, index: int, lines: int, size: int, first_line: int) -> None:
+        assert self.file is not None and self.ids is not None
+        self.file.close()
+        self.ids.close()
+        digest = self.hash.hexdigest()
         # The content hash is in the name: the same shard always has the same identity.
         stem = f"shard-{index:05d}-{digest[:16]}"
         path = self.out_dir / f"{stem}.jsonl"
         ids_path = self.out_dir / f"{stem}.ids"
-        os.replace(self._file.name, path)
-        os.replace(self._ids.name, ids_path)
+        os.replace(self.file.name, path)
+        os.replace(self.ids.name, ids_path)
         self.shards.append(
             Shard(
                 index=index,
                 path=str(path),
                 sha256=digest,
-                lines=self._lines,
-                bytes=self._bytes,
-                first_line=self._first_line,
+                lines=lines,
+                bytes=size,
+                first_line=first_line,
                 ids_path=str(ids_path),
             )
         )
-        self._file = self._ids = None
-
-    def finish(self) -> list[Shard]:
-        if self._file is not None:
-            self._close()
-        return self.shards
+        self.file = self.ids = None
 
     def abort(self) -> None:
-        for f in (self._file, self._ids):
+        for f in (self.file, self.ids):
             if f is not None:
                 f.close()
                 Path(f.name).unlink(missing_ok=True)
         for shard in self.shards:
             Path(shard.path).unlink(missing_ok=True)
             Path(shard.ids_path).unlink(missing_ok=True)
-        self._file = self._ids = None
+        self.file = self.ids = None
         self.shards = []
+
+
+class _ShardWriter:
+    """Writes lines into successive shard files, closing one when the next line won't fit.
+
+    The split decisions are made here, in order; the file work runs on one helper thread,
+    in the same order, at most ``_PENDING_WRITES`` pieces behind.
+    """
+
+    def __init__(self, out_dir: Path, max_bytes: int, max_lines: int | None):
+        self.max_bytes = max_bytes
+        self.max_lines = max_lines
+        self._files = _ShardFiles(out_dir)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._open = False
+        self._index = 0
+        self._lines = 0
+        self._bytes = 0
+        self._first_line = 0
+        self._written = 0  # lines written so far: written lines are always lines 1..n
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > _PENDING_WRITES:
+            self._pending.popleft().result()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _open_next(self) -> None:
+        self._submit(self._files.open, self._index)
+        self._open = True
+        self._lines = self._bytes = 0
+        self._first_line = self._written + 1
+
+    def _close(self) -> None:
+        self._submit(self._files.close, self._index, self._lines, self._bytes, self._first_line)
+        self._open = False
+        self._index += 1
+
+    def add(self, lines: list[bytes], ids: list[bytes], data: bytes | None = None) -> None:
+        """Append ``lines`` (without their newlines) and their JSON custom_ids.
+
+        ``data``, if given, is ``lines`` joined with and ended by a newline.
+        """
+        count = len(lines)
+        if not count:
+            return
+        if data is None:
+            data = b"\n".join(lines) + b"\n"
+        max_bytes, max_lines = self.max_bytes, self.max_lines
+        if (
+            self._open
+            and self._bytes + len(data) <= max_bytes
+            and (max_lines is None or self._lines + count <= max_lines)
+        ):
+            self._put(data, ids, count)
+            return
+        ends = [0, *accumulate(len(line) + 1 for line in lines)]
+        i = 0
+        while i < count:
+            if self._open and (
+                self._bytes + ends[i + 1] - ends[i] > max_bytes
+                or (max_lines is not None and self._lines >= max_lines)
+            ):
+                self._close()
+            if not self._open:
+                self._open_next()
+            j = bisect_right(ends, ends[i] + max_bytes - self._bytes, i + 1) - 1
+            if max_lines is not None:
+                j = min(j, i + max_lines - self._lines)
+            piece = data if i == 0 and j == count else data[ends[i] : ends[j]]
+            self._put(piece, ids[i:j], j - i)
+            i = j
+
+    def _put(self, data: bytes, ids: list[bytes], count: int) -> None:
+        self._submit(self._files.write, data, b"\n".join(ids) + b"\n")
+        self._lines += count
+        self._bytes += len(data)
+        self._written += count
+
+    def finish(self) -> list[Shard]:
+        if self._open:
+            self._close()
+        self._drain()
+        self._pool.shutdown()
+        return self._files.shards
+
+    def abort(self) -> None:
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException:  # noqa: S110 - cleaning up after the first error
+                pass
+        self._pool.shutdown()
+        self._files.abort()
 
 
 def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
@@ -184,6 +270,36 @@ def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
     return problems
 
 
+def _read_blocks(handle: BinaryIO) -> Iterator[tuple[list[bytes], bytes | None]]:
+    """The input as blocks of whole lines: (lines without their line ends, raw block).
+
+    Each line is as a line-at-a-time read would give it, less its ``\\n``; only the last
+    line of the file can lack one. The raw block is given when it is exactly the lines
+    each followed by ``\\n`` (no carriage returns), so it can be written as it is.
+    """
+    rest = b""
+    while True:
+        chunk = handle.read(_BLOCK_BYTES)
+        if not chunk:
+            break
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            rest += chunk
+            continue
+        block = rest + chunk[: end + 1] if rest else chunk[: end + 1]
+        rest = chunk[end + 1 :]
+        lines = block.split(b"\n")
+        lines.pop()
+        yield lines, block
+    if rest:
+        yield [rest], None
+
+
+def _normalise(lines: list[bytes]) -> list[bytes]:
+    """CRLF line ends (and a final bare CR) to LF: drop one trailing CR from each line."""
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
 def shard_request_file(
     source: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -215,37 +331,67 @@ def shard_request_file(
     line_no = 0
     try:
         with open_source(source) as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                data = raw
-                if data.endswith(b"\n"):
-                    data = data[:-2] + b"\n" if data.endswith(b"\r\n") else data
-                else:
-                    data = data[:-1] + b"\n" if data.endswith(b"\r") else data + b"\n"
-                if len(data) == 1:
-                    problem = "blank line (remove empty lines from the file)"
-                elif len(data) > max_file_bytes:
-                    problem = (
-                        f"line is {len(data):,} bytes, larger than the {max_file_bytes:,}-byte "
-                        "file limit, so it fits in no shard"
-                    )
-                else:
+            for lines, block in _read_blocks(handle):
+                if block is None or b"\r" in block:
+                    lines = _normalise(lines)
+                    block = None
+                if not problems:
+                    # Fast path: every line of the block is valid. Any problem sends the
+                    # whole block down the line-at-a-time path, which names it.
                     try:
-                        request = decode(data)
-                    except (msgspec.MsgspecError, UnicodeDecodeError) as err:
-                        problem = _line_reason(raw, line_no, err)
-                    else:
-                        if models is not None and request.body.model not in models:
-                            problem = f"unknown model {request.body.model!r}"
+                        if max(map(len, lines)) >= max_file_bytes:
+                            raise _SlowPath
+                        if models is None:
+                            ids = [decode(line).custom_id for line in lines]
                         else:
-                            problem = None
-                            id_hashes.append(hash(request.custom_id))
-                            if not problems:
-                                writer.write(data, encode(request.custom_id) + b"\n", line_no)
-                if problem is not None:
-                    if len(problems) >= MAX_REPORTED_PROBLEMS:
-                        more = True
-                        break
-                    problems.append(LineProblem(line_no, problem))
+                            ids = []
+                            for line in lines:
+                                request = decode(line)
+                                if request.body.model not in models:
+                                    raise _SlowPath
+                                ids.append(request.custom_id)
+                    except (_SlowPath, msgspec.MsgspecError, UnicodeDecodeError):
+                        pass
+                    else:
+                        id_hashes.extend(map(hash, ids))
+                        writer.add(lines, list(map(encode, ids)), block)
+                        line_no += len(lines)
+                        continue
+                # Line at a time: name each problem; write valid lines until the first one.
+                valid: list[bytes] = []
+                valid_ids: list[bytes] = []
+                for line in lines:
+                    line_no += 1
+                    data = line + b"\n"
+                    if len(data) == 1:
+                        problem = "blank line (remove empty lines from the file)"
+                    elif len(data) > max_file_bytes:
+                        problem = (
+                            f"line is {len(data):,} bytes, larger than the {max_file_bytes:,}-byte "
+                            "file limit, so it fits in no shard"
+                        )
+                    else:
+                        try:
+                            request = decode(data)
+                        except (msgspec.MsgspecError, UnicodeDecodeError) as err:
+                            problem = _line_reason(data, line_no, err)
+                        else:
+                            if models is not None and request.body.model not in models:
+                                problem = f"unknown model {request.body.model!r}"
+                            else:
+                                problem = None
+                                id_hashes.append(hash(request.custom_id))
+                                if not problems:
+                                    valid.append(line)
+                                    valid_ids.append(encode(request.custom_id))
+                    if problem is not None:
+                        if len(problems) >= MAX_REPORTED_PROBLEMS:
+                            more = True
+                            break
+                        problems.append(LineProblem(line_no, problem))
+                writer.add(valid, valid_ids)
+                if more:
+                    break
         if not problems:
             if line_no == 0:
                 problems.append(LineProblem(1, "the request file is empty"))
@@ -258,6 +404,10 @@ def shard_request_file(
     except BaseException:
         writer.abort()
         raise
+
+
+class _SlowPath(Exception):
+    """A block needs the line-at-a-time path."""
 
 
 def build_request_lines(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import openai
@@ -12,9 +13,9 @@ from prefect.logging import get_run_logger
 
 from blocks import KlusterCredentials
 from tasks.journal import Journal
-from tasks.retry import RETRY_OPTIONS
+from tasks.retry import RETRY_OPTIONS, is_transient_error
 from tasks.submit import ShardUpload, identity_key
-from tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard
+from tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard, parse_timestamp
 
 
 class FileLimitError(ValueError):
@@ -61,6 +62,16 @@ def upload_file(
     return uploaded.id
 
 
+def _find_upload(client: OpenAI, filename: str, since: float) -> str | None:
+    """The newest upload under this shard's name since ``since`` (an answer that got lost).
+    A service that stores files under internal names can't be searched this way."""
+    for item in client.files.list(purpose="batch"):
+        created = parse_timestamp(item.created_at)
+        if item.filename == filename and (created is None or created.timestamp() >= since - 120):
+            return item.id
+    return None
+
+
 def _orphans(client: OpenAI, filename: str, recorded: set[str]) -> list[str]:
     """Uploads of this shard that no batch uses: recorded by this run, or listed under the
     shard's name (the name carries its hash; a service that renames files hides these)."""
@@ -97,16 +108,28 @@ def upload_shard(
             else:
                 logger.info("Reusing upload %s of shard %d", known, shard.index)
                 return ShardUpload(key=key, identity=identity, file_id=known)
-        check_file_limits(shard.path, SERVICE_MAX_FILE_BYTES)
-        journal.record("upload_intent", key, shard=name)
-        with open(shard.path, "rb") as handle:
-            # No SDK retry: a retried upload after a lost response leaves a duplicate file.
-            uploaded = client.with_options(max_retries=0).files.create(
-                file=(name, handle), purpose="batch"
-            )
-        journal.record("uploaded", key, file_id=uploaded.id)
-    logger.info("Uploaded shard %d as file %s", shard.index, uploaded.id)
-    return ShardUpload(key=key, identity=identity, file_id=uploaded.id)
+        intent = journal.first_intent_time(key)
+        found = _find_upload(client, name, intent) if intent is not None else None
+        if found is None:
+            check_file_limits(shard.path, SERVICE_MAX_FILE_BYTES)
+            journal.record("upload_intent", key, shard=name)
+            started = time.time()
+            try:
+                with open(shard.path, "rb") as handle:
+                    # No SDK retry: a retried upload after a lost answer leaves a duplicate.
+                    found = (
+                        client.with_options(max_retries=0)
+                        .files.create(file=(name, handle), purpose="batch")
+                        .id
+                    )
+            except Exception as exc:
+                found = _find_upload(client, name, started) if is_transient_error(exc) else None
+                if found is None:
+                    raise
+                logger.info("Upload answer was lost; found the file %s", found)
+        journal.record("uploaded", key, file_id=found)
+    logger.info("Uploaded shard %d as file %s", shard.index, found)
+    return ShardUpload(key=key, identity=identity, file_id=found)
 
 
 @task(name="clean-up-uploads", **RETRY_OPTIONS)

@@ -220,8 +220,10 @@ def emulator_process(
 
         url = wait_for(base_url, timeout, "the emulator's listening line", 0.1, proc)
         wait_for(
-            lambda: http_json("GET", url.removesuffix("/v1") + "/_emulator/health", timeout=2)
-            is not None,
+            lambda: (
+                http_json("GET", url.removesuffix("/v1") + "/_emulator/health", timeout=2)
+                is not None
+            ),
             timeout,
             "the emulator's health endpoint",
             0.1,

@@ -107,6 +107,11 @@ def _run(deployment: str, parameters: dict | None = None, timeout: float = RUN_T
     return run
 
 
+def _related_to(event: dict, flow_run_id: UUID) -> bool:
+    wanted = f"prefect.flow-run.{flow_run_id}"
+    return any(r.get("prefect.resource.id") == wanted for r in event.get("related") or [])
+
+
 def _logs_of(stack: Stack) -> str:
     return (stack.server.log_dir / "worker.log").read_text(errors="replace")[-6000:]
 
@@ -209,11 +214,7 @@ def test_on_demand_run_leaves_artifacts_and_events(stack: Stack, on_demand_run) 
         assert TEST_API_KEY not in json.dumps(artifact.model_dump(mode="json"))
 
     def events_of_run() -> list[dict]:
-        found = [
-            e
-            for e in read_events(stack.server, "kluster.batch.")
-            if any(r.get("prefect.resource.id") == f"prefect.flow-run.{run.id}" for r in e["related"])
-        ]
+        found = [e for e in read_events(stack.server, "kluster.batch.") if _related_to(e, run.id)]
         names = {e["event"] for e in found}
         return found if {"kluster.batch.submitted", "kluster.batch.completed"} <= names else []
 
@@ -339,7 +340,7 @@ def test_reporting_functions_inside_a_flow(stack: Stack) -> None:
         mine = {
             e["event"]: e
             for e in read_events(stack.server, "kluster.batch.")
-            if any(r.get("prefect.resource.id") == f"prefect.flow-run.{run_id}" for r in e["related"])
+            if _related_to(e, run_id)
         }
         return mine if len(mine) == 2 else None
 

@@ -1,0 +1,161 @@
+"""The Prefect UI in a real browser: trigger the on-demand deployment with a custom run.
+
+A real Prefect server, the emulator and `python deployments/serve.py` run as processes;
+headless Debian chromium (driven by Playwright) opens the deployment, picks Run -> Custom run,
+fills in parameters, submits, and waits on the flow run page until it shows Completed.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import TEST_API_KEY
+from tests.helpers import read_jsonl, requests, write_jsonl
+from tests.server import (
+    ROOT,
+    PrefectServer,
+    emulator_process,
+    prefect_server,
+    process,
+    tail,
+    wait_for,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = ROOT / "test-artifacts" / "ui-run-completed.png"
+README_SCREENSHOT = ROOT / "deployments" / "ui-run-completed.png"
+DEPLOYMENT = "kluster-batch-on-demand"
+RUN_TIMEOUT_MS = 150_000
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (`make browser` installs it)",
+)
+
+
+@dataclass
+class Served:
+    server: PrefectServer
+    work: Path
+    serve_log: Path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Server + emulator + deployments/serve.py, each a process; started once."""
+    base = tmp_path_factory.mktemp("ui-e2e")
+    with ExitStack() as stack:
+        server = stack.enter_context(prefect_server(base))
+        emulator_url, _ = stack.enter_context(
+            emulator_process(server.log_dir, "--api-key", TEST_API_KEY)
+        )
+        env = server.client_env(
+            KLUSTER_API_KEY=TEST_API_KEY,
+            KLUSTER_BASE_URL=emulator_url,
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+        )
+        serve = stack.enter_context(
+            process(
+                "serve", [sys.executable, "deployments/serve.py"], env, server.log_dir, cwd=ROOT
+            )
+        )
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+
+        def deployed() -> bool:
+            with get_client(sync_client=True) as client:
+                names = {d.name for d in client.read_deployments()}
+            return DEPLOYMENT in names and "kluster-list-models" in names
+
+        wait_for(deployed, 90, "serve.py to create its deployments", 0.5, serve)
+        yield Served(server=server, work=base, serve_log=serve.log)
+
+
+def _property(page, name: str):
+    """The run form's field for the parameter ``name``."""
+    label = page.locator(".schema-form-property__label", has_text=re.compile(rf"^{name}\b"))
+    return page.locator(".schema-form-property").filter(has=label)
+
+
+def test_custom_run_from_the_ui_completes(served: Served) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    rows = requests(4, prefix="ui-")
+    source = write_jsonl(served.work / "ui-requests.jsonl", rows)
+    output = served.work / "ui-out" / "results.jsonl"
+    run_name = f"ui-custom-run-{uuid.uuid4().hex[:8]}"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(f"{served.server.url}/deployments", wait_until="domcontentloaded")
+            page.get_by_role("link", name=DEPLOYMENT).click()
+            page.wait_for_url("**/deployments/deployment/**")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+            page.wait_for_url("**/run**")
+
+            name_box = page.get_by_role("textbox").first
+            expect(name_box).not_to_have_value("")
+            name_box.fill(run_name)
+            input_path = _property(page, "input_path")
+            input_path.get_by_role("button", name="str", exact=True).click()
+            input_path.locator("textarea, input").first.fill(str(source))
+            _property(page, "output_path").locator("textarea, input").first.fill(str(output))
+            _property(page, "poll_interval").locator("input").first.fill("0.2")
+            page.get_by_role("button", name="Submit").click()
+
+            # Back on the deployment page, the new run is listed under its name; its own
+            # page shows the state as it changes.
+            page.get_by_role("link", name=run_name).first.click()
+            page.wait_for_url("**/flow-run/**")
+            expect(page.get_by_text(run_name).first).to_be_visible()
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(
+                timeout=RUN_TIMEOUT_MS
+            )
+            page.screenshot(path=str(SCREENSHOT))
+        except Exception:
+            page.screenshot(path=str(SCREENSHOT.with_name("ui-run-failed.png")))
+            print(f"serve.py log tail:\n{tail(served.serve_log)}")
+            raise
+        finally:
+            browser.close()
+    if not README_SCREENSHOT.exists():
+        shutil.copyfile(SCREENSHOT, README_SCREENSHOT)
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))
+        )
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.parameters["input_path"] == str(source)
+    assert run.parameters["output_path"] == str(output)
+    assert run.parameters["poll_interval"] == 0.2
+    got = [line["custom_id"] for line in read_jsonl(output)]
+    assert sorted(got) == sorted(r["custom_id"] for r in rows)
