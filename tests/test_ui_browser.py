@@ -96,6 +96,14 @@ def _property(page, name: str):
     return page.locator(".schema-form-property").filter(has=label)
 
 
+def _run_id(name: str) -> str | None:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))
+        )
+    return str(runs[0].id) if runs else None
+
+
 def test_custom_run_from_the_ui_completes(served: Served) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -129,10 +137,11 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
             _property(page, "poll_interval").locator("input").first.fill("0.2")
             page.get_by_role("button", name="Submit").click()
 
-            # Back on the deployment page, the new run is listed under its name; its own
-            # page shows the state as it changes.
-            page.get_by_role("link", name=run_name).first.click()
-            page.wait_for_url("**/flow-run/**")
+            # The form returns to the deployment page with a toast for the new run (its
+            # animation makes clicking it flaky, and the run list refreshes lazily): open
+            # the run's own page, which follows its state as it changes.
+            run_id = wait_for(lambda: _run_id(run_name), 30, f"flow run {run_name} to exist")
+            page.goto(f"{served.server.url}/runs/flow-run/{run_id}", wait_until="domcontentloaded")
             expect(page.get_by_text(run_name).first).to_be_visible()
             expect(page.get_by_text("Completed", exact=True).first).to_be_visible(
                 timeout=RUN_TIMEOUT_MS
