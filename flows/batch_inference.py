@@ -24,12 +24,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks import KlusterCredentials, resolve_credentials
+from flows.reporting import create_batch_progress, publish_run_summary, update_batch_progress
 from tasks.build import build_request_file, validate_and_shard
 from tasks.download import download_batch_results
 from tasks.join import JoinSummary, OutputExistsError
 from tasks.journal import Journal
 from tasks.manage import list_models
-from tasks.progress import forget_run, summed_counts
+from tasks.progress import forget_run, summed_counts, watch_progress
 from tasks.rounds import build_retry_shards, join_round, write_parquet
 from tasks.submit import (
     find_existing_batches,
@@ -308,6 +309,14 @@ def batch_inference(
         source, str(work / "shards"), max_file_bytes, max_requests_per_file, allowed
     )
     journal = Journal(run.journal_path)
+    total_lines = sum(s.lines for s in shards)
+    progress_id = create_batch_progress(total_lines)
+
+    def show_progress(board: dict[str, BatchInfo]) -> None:
+        counts = summed_counts(board.values())
+        update_batch_progress(progress_id, counts.completed + counts.failed, counts.total)
+
+    watch_progress(show_progress)
     known = find_existing_batches(credentials, since=None) if not resubmit else []
     all_results: list[ShardResult] = []
     result_files: list[str] = []
@@ -364,6 +373,8 @@ def batch_inference(
         shards=all_results,
         summary=summary,
     )
+    update_batch_progress(progress_id, summary.requests, summary.requests)
+    publish_run_summary(batches, summary, result.status)
     logger.info(
         "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
         "completion tokens; results in %s",

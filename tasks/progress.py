@@ -60,6 +60,13 @@ def summed_counts(batches: object) -> RequestCounts:
     return total
 
 
+def announce_batch(batch: BatchInfo, event: str) -> None:
+    """Emit the ``kluster.batch.<event>`` Prefect event (a no-op outside a run)."""
+    from flows.reporting import emit_batch_event  # imported late: flows import tasks
+
+    emit_batch_event(batch, event)
+
+
 def forget_run() -> None:
     key = _run_key()
     with _lock:

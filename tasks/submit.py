@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from blocks import KlusterCredentials
 from tasks.journal import Journal
+from tasks.progress import announce_batch
 from tasks.retry import RETRY_OPTIONS, is_transient_error
 from tasks.schema import CHAT_COMPLETIONS_URL
 from tasks.types import BatchInfo, Shard
@@ -148,6 +149,7 @@ def submit_shard(
             break
     journal.record("submitted", upload.key, batch_id=info.id, file_id=info.input_file_id)
     logger.info("Submitted batch %s for file %s (%s)", info.id, upload.file_id, info.status)
+    announce_batch(info, "submitted")
     return info
 
 

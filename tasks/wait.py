@@ -9,7 +9,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from blocks import KlusterCredentials
-from tasks.progress import report_progress
+from tasks.progress import announce_batch, report_progress
 from tasks.retry import RETRY_OPTIONS
 from tasks.types import BatchInfo
 
@@ -55,6 +55,7 @@ def poll_batch(
                     on_change(batch)
                 last = seen
             if batch.is_terminal:
+                announce_batch(batch, batch.status)
                 return batch
             if deadline is not None and time.monotonic() >= deadline:
                 raise BatchWaitTimeout(batch, timeout or 0)

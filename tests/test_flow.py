@@ -274,3 +274,44 @@ def test_cli_help_and_demo_run(tmp_path):
     )
     assert again.returncode == 1 and "already exists" in again.stderr
     json.loads(out.read_text().splitlines()[0])
+
+
+def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.batch_inference import batch_inference as flow_fn
+
+    state = flow_fn(
+        requests=requests(4),
+        output_path=str(tmp_path / "o.jsonl"),
+        poll_interval=0.05,
+        max_requests_per_file=2,
+        return_state=True,
+    )
+    result = state.result()
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}), limit=50
+        )
+        by_type = {(a.type, a.key) for a in artifacts}
+        assert ("markdown", "kluster-batch-summary") in by_type
+        assert ("table", "kluster-batch-summary-shards") in by_type
+        progress = [a for a in artifacts if a.type == "progress"]
+        assert progress and progress[0].data == 100.0
+        summary = next(a for a in artifacts if a.type == "markdown")
+        assert str(tmp_path / "o.jsonl") in summary.data and "completed" in summary.data
+    with httpx.Client(base_url=PREFECT_API_URL.value()) as http:
+        events = http.post(
+            "/events/filter",
+            json={"filter": {"event": {"prefix": ["kluster.batch."]}}, "limit": 50},
+        ).json()["events"]
+    seen = {(e["event"], e["resource"]["prefect.resource.id"]) for e in events}
+    for batch_id in result.batch_ids:
+        assert ("kluster.batch.submitted", f"kluster.batch.{batch_id}") in seen
+        assert ("kluster.batch.completed", f"kluster.batch.{batch_id}") in seen
+    completed = next(e for e in events if e["event"] == "kluster.batch.completed")
+    assert completed["payload"]["request_counts"]["total"] == 2
