@@ -2,6 +2,7 @@
 
 from flows.batch_inference import BatchRunError, BatchRunResult, ShardResult, batch_inference
 from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow
+from flows.pending import collect_batches
 
 __all__ = [
     "BatchRunError",
@@ -9,6 +10,7 @@ __all__ = [
     "ShardResult",
     "batch_inference",
     "cancel_batch_flow",
+    "collect_batches",
     "list_batches_flow",
     "list_models_flow",
 ]

@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks import KlusterCredentials, resolve_credentials
+from flows.pending import pending_parameters, register_pending
 from flows.reporting import create_batch_progress, publish_run_summary, update_batch_progress
 from tasks.build import build_request_file, validate_and_shard
 from tasks.download import download_batch_results
@@ -74,7 +75,9 @@ class BatchRunResult(BaseModel):
     output_files: list[str]
     error_files: list[str]
     shards: list[ShardResult]
-    summary: JoinSummary
+    summary: JoinSummary | None = Field(
+        None, description="Counts over the joined output; None while batches are pending."
+    )
 
     @property
     def batch_id(self) -> str:
@@ -115,6 +118,23 @@ def _start_shard(
     results_dir = str(run.work / f"round-{round_no}" / "results")
     downloaded = download_batch_results.submit(creds, finished, results_dir)
     return finished, downloaded, cleaned
+
+
+def submit_round(
+    run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
+) -> list[BatchInfo]:
+    """Upload and submit every shard of a round (reusing what exists), without waiting."""
+    futures = []
+    for shard in shards:
+        identity = shard_identity(shard, round_no, run.nonce)
+        existing = next((b for b in known if matches(b, identity) and reusable(b)), None)
+        uploaded = upload_shard.submit(run.credentials, shard, identity, run.journal_path, existing)
+        futures.append(
+            submit_shard.submit(
+                run.credentials, uploaded, run.journal_path, run.completion_window, run.metadata
+            )
+        )
+    return [future.result() for future in futures]
 
 
 def run_shards(
@@ -233,6 +253,8 @@ def batch_inference(
     overwrite: bool = False,
     parquet: bool = False,
     resubmit: bool = False,
+    run_label: str | None = None,
+    wait: bool = True,
     work_dir: str | None = None,
 ) -> BatchRunResult:
     """Run chat-completion requests as kluster.ai batch jobs and join the results.
@@ -266,6 +288,10 @@ def batch_inference(
         overwrite: Replace an existing output file.
         parquet: Also write a Parquet copy (needs pyarrow).
         resubmit: Make new batches even if the service has batches for these inputs.
+        run_label: Tells apart runs of the same inputs that must not share batches (set
+            automatically by `resubmit`).
+        wait: False: submit, record the pending batches on the Prefect server and return
+            at once; the `kluster-collect-batches` flow finishes the run when they are done.
         work_dir: Where shards, the journal and downloads go (default: beside the output).
     """
     logger = get_run_logger()
@@ -291,7 +317,7 @@ def batch_inference(
         poll_interval=poll_interval,
         deadline=None if timeout is None else time.monotonic() + timeout,
         max_concurrency=max_concurrency,
-        nonce=str(ctx.flow_run.id) if resubmit and ctx and ctx.flow_run else None,
+        nonce=run_label or (str(ctx.flow_run.id) if resubmit and ctx and ctx.flow_run else None),
     )
 
     source = input_path
@@ -323,6 +349,50 @@ def batch_inference(
     round_shards, round_no = shards, 1
     try:
         while True:
+            if not wait:
+                submitted = submit_round(run, round_shards, round_no, known)
+                known = known + submitted
+                running = [b for b in submitted if not b.is_terminal]
+                if running:
+                    params = pending_parameters(
+                        locals_of_run=dict(
+                            input_path=source,
+                            output_path=output_path,
+                            credentials_block=credentials_block,
+                            completion_window=completion_window,
+                            metadata=metadata,
+                            max_file_bytes=max_file_bytes,
+                            max_requests_per_file=max_requests_per_file,
+                            max_concurrency=max_concurrency,
+                            max_attempts=max_attempts,
+                            poll_interval=poll_interval,
+                            check_models=check_models,
+                            overwrite=overwrite,
+                            parquet=parquet,
+                            run_label=run.nonce,
+                            wait=False,
+                            work_dir=str(work),
+                        )
+                    )
+                    name = register_pending(params, [b.id for b in submitted])
+                    logger.info(
+                        "Submitted %d batch(es) (round %d); not waiting. The "
+                        "kluster-collect-batches flow finishes this run (pending as %s).",
+                        len(running),
+                        round_no,
+                        name,
+                    )
+                    return BatchRunResult(
+                        status="pending",
+                        batch_ids=[b.id for b in submitted],
+                        rounds=round_no,
+                        request_counts=summed_counts(submitted),
+                        usage=TokenUsage(),
+                        output_path=str(output),
+                        output_files=[],
+                        error_files=[],
+                        shards=[],
+                    )
             round_results = run_shards(run, round_shards, round_no, known)
             all_results += round_results
             result_files += [p for r in round_results for p in (r.output_file, r.error_file) if p]
