@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks import KlusterCredentials, resolve_credentials
-from flows.pending import pending_parameters, register_pending
+from flows.pending import register_pending
 from flows.reporting import create_batch_progress, publish_run_summary, update_batch_progress
 from tasks.build import build_request_file, validate_and_shard
 from tasks.download import download_batch_results
@@ -354,25 +354,24 @@ def batch_inference(
                 known = known + submitted
                 running = [b for b in submitted if not b.is_terminal]
                 if running:
-                    params = pending_parameters(
-                        locals_of_run=dict(
-                            input_path=source,
-                            output_path=output_path,
-                            credentials_block=credentials_block,
-                            completion_window=completion_window,
-                            metadata=metadata,
-                            max_file_bytes=max_file_bytes,
-                            max_requests_per_file=max_requests_per_file,
-                            max_concurrency=max_concurrency,
-                            max_attempts=max_attempts,
-                            poll_interval=poll_interval,
-                            check_models=check_models,
-                            overwrite=overwrite,
-                            parquet=parquet,
-                            run_label=run.nonce,
-                            wait=False,
-                            work_dir=str(work),
-                        )
+                    # What a collector needs to finish the run: names and paths, no secret.
+                    params = dict(
+                        input_path=source,
+                        output_path=output_path,
+                        credentials_block=credentials_block,
+                        completion_window=completion_window,
+                        metadata=metadata,
+                        max_file_bytes=max_file_bytes,
+                        max_requests_per_file=max_requests_per_file,
+                        max_concurrency=max_concurrency,
+                        max_attempts=max_attempts,
+                        poll_interval=poll_interval,
+                        check_models=check_models,
+                        overwrite=overwrite,
+                        parquet=parquet,
+                        run_label=run.nonce,
+                        wait=False,
+                        work_dir=str(work),
                     )
                     name = register_pending(params, [b.id for b in submitted])
                     logger.info(

@@ -19,11 +19,6 @@ from tasks.types import BatchInfo
 PENDING_PREFIX = "kluster_pending_"
 
 
-def pending_parameters(locals_of_run: dict[str, Any]) -> dict[str, Any]:
-    """The flow parameters a collector needs to finish the run (no secrets: names only)."""
-    return {k: v for k, v in locals_of_run.items() if v is not None}
-
-
 def pending_name(output_path: str, work_dir: str) -> str:
     digest = hashlib.sha256(f"{output_path}\0{work_dir}".encode()).hexdigest()[:24]
     return f"{PENDING_PREFIX}{digest}"
@@ -32,9 +27,10 @@ def pending_name(output_path: str, work_dir: str) -> str:
 def register_pending(parameters: dict[str, Any], batch_ids: list[str]) -> str:
     """Record (or refresh) a pending run on the Prefect server; returns its variable name."""
     name = pending_name(parameters["output_path"], parameters["work_dir"])
+    given = {k: v for k, v in parameters.items() if v is not None}
     Variable.set(
         name,
-        {"parameters": parameters, "batch_ids": batch_ids, "registered_at": time.time()},
+        {"parameters": given, "batch_ids": batch_ids, "registered_at": time.time()},
         overwrite=True,
     )
     return name
