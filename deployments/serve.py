@@ -1,5 +1,7 @@
 """Serve the kluster.ai flows from this process: no work pool, no worker.
 
+    prefect server start                     # in another terminal; then, from here:
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
     python deployments/serve.py              # credentials from KLUSTER_API_KEY / a block
     python deployments/serve.py --emulator   # offline: an embedded local emulator
 
@@ -7,6 +9,10 @@ Creates the same deployments as deployments/prefect.yaml (same names, parameters
 schedule), then runs whatever is triggered from the Prefect UI or `prefect deployment run`
 until stopped with Ctrl-C. Runs start in the project root, so relative paths such as
 deployments/sample-requests.jsonl resolve the same way as under a worker.
+
+Use this or prefect.yaml on one server, not both: the deployment names are the same, and a
+deployment first made by `prefect deploy` keeps its work pool when served, so its runs fail
+to load their code. Delete the deployments (or use another server) before switching.
 """
 
 from __future__ import annotations

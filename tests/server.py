@@ -258,3 +258,18 @@ def read_events(server: PrefectServer, prefix: str, limit: int = 50) -> list[dic
     body = {"filter": {"event": {"prefix": [prefix]}}, "limit": limit}
     page = server.api("POST", "/events/filter", body)
     return list(page.get("events") or [])
+
+
+def drain_events(timeout: float = 10.0) -> None:
+    """Flush this process's queued Prefect events (before their server goes away)."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=timeout, at_exit=False)
+
+
+def pause_deployment(name: str) -> None:
+    """Pause ``flow-name/deployment-name`` so its schedule starts nothing during the tests."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.pause_deployment(client.read_deployment_by_name(name).id)

@@ -32,7 +32,9 @@ from tests.server import (
     PREFECT,
     ROOT,
     PrefectServer,
+    drain_events,
     emulator_process,
+    pause_deployment,
     prefect_server,
     process,
     read_events,
@@ -84,6 +86,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.callback(drain_events)  # runs first at teardown, while the server is up
+        pause_deployment(f"{BATCH_FLOW}/kluster-batch-nightly")  # no 02:00 surprise
         yield Stack(server=server, emulator_url=emulator_url, env=env, work=base)
 
 

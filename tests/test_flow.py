@@ -24,6 +24,7 @@ from flows import (
 from tasks import RequestFileError
 from tests.conftest import TEST_API_KEY
 from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
+from tests.server import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,14 +305,27 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
         assert progress and progress[0].data == 100.0
         summary = next(a for a in artifacts if a.type == "markdown")
         assert str(tmp_path / "o.jsonl") in summary.data and "completed" in summary.data
-    with httpx.Client(base_url=PREFECT_API_URL.value()) as http:
-        events = http.post(
-            "/events/filter",
-            json={"filter": {"event": {"prefix": ["kluster.batch."]}}, "limit": 50},
-        ).json()["events"]
-    seen = {(e["event"], e["resource"]["prefect.resource.id"]) for e in events}
-    for batch_id in result.batch_ids:
-        assert ("kluster.batch.submitted", f"kluster.batch.{batch_id}") in seen
-        assert ("kluster.batch.completed", f"kluster.batch.{batch_id}") in seen
-    completed = next(e for e in events if e["event"] == "kluster.batch.completed")
+    wanted = {
+        (name, f"kluster.batch.{batch_id}")
+        for batch_id in result.batch_ids
+        for name in ("kluster.batch.submitted", "kluster.batch.completed")
+    }
+
+    def all_events_arrived():
+        # Events reach the server asynchronously: poll, bounded, until every one is there.
+        with httpx.Client(base_url=PREFECT_API_URL.value()) as http:
+            found = http.post(
+                "/events/filter",
+                json={"filter": {"event": {"prefix": ["kluster.batch."]}}, "limit": 200},
+            ).json()["events"]
+        seen = {(e["event"], e["resource"]["prefect.resource.id"]) for e in found}
+        return found if wanted <= seen else None
+
+    events = wait_for(all_events_arrived, 30, "the run's kluster.batch events")
+    completed = next(
+        e
+        for e in events
+        if e["event"] == "kluster.batch.completed"
+        and e["resource"]["prefect.resource.name"] in result.batch_ids
+    )
     assert completed["payload"]["request_counts"]["total"] == 2

@@ -26,7 +26,9 @@ from tests.helpers import read_jsonl, requests, write_jsonl
 from tests.server import (
     ROOT,
     PrefectServer,
+    drain_events,
     emulator_process,
+    pause_deployment,
     prefect_server,
     process,
     tail,
@@ -43,6 +45,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = ROOT / "test-artifacts" / "ui-run-completed.png"
+FAILED_SCREENSHOT = SCREENSHOT.with_name("ui-run-failed.png")
 README_SCREENSHOT = ROOT / "deployments" / "ui-run-completed.png"
 DEPLOYMENT = "kluster-batch-on-demand"
 RUN_TIMEOUT_MS = 150_000
@@ -80,6 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             )
         )
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.callback(drain_events)  # runs first at teardown, while the server is up
 
         def deployed() -> bool:
             with get_client(sync_client=True) as client:
@@ -87,6 +91,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             return DEPLOYMENT in names and "kluster-list-models" in names
 
         wait_for(deployed, 90, "serve.py to create its deployments", 0.5, serve)
+        pause_deployment("kluster-batch-inference/kluster-batch-nightly")  # no 02:00 surprise
         yield Served(server=server, work=base, serve_log=serve.log)
 
 
@@ -112,6 +117,7 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
     output = served.work / "ui-out" / "results.jsonl"
     run_name = f"ui-custom-run-{uuid.uuid4().hex[:8]}"
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    FAILED_SCREENSHOT.unlink(missing_ok=True)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -148,7 +154,7 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
             )
             page.screenshot(path=str(SCREENSHOT))
         except Exception:
-            page.screenshot(path=str(SCREENSHOT.with_name("ui-run-failed.png")))
+            page.screenshot(path=str(FAILED_SCREENSHOT))
             print(f"serve.py log tail:\n{tail(served.serve_log)}")
             raise
         finally:
