@@ -29,13 +29,15 @@ if str(ROOT) not in sys.path:  # `python deployments/serve.py` puts deployments/
 
 from prefect import serve  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
-from prefect.schedules import Cron  # noqa: E402
+from prefect.schedules import Cron, Interval  # noqa: E402
 
 from flows.batch_inference import batch_inference  # noqa: E402
 from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
+from flows.pending import collect_batches  # noqa: E402
 
 TAGS = ["kluster"]
 NIGHTLY_CRON = "0 2 * * *"
+COLLECT_EVERY_SECONDS = 300
 
 
 def build_deployments() -> list[RunnerDeployment]:
@@ -79,6 +81,14 @@ def build_deployments() -> list[RunnerDeployment]:
             name="kluster-cancel-batch",
             description="Cancel a running batch by id; lines already done stay in its output.",
             tags=TAGS,
+        ),
+        collect_batches.to_deployment(
+            name="kluster-collect-batches",
+            description="Finish runs started with wait=false once their batches have ended "
+            "(the long-wait mode: no flow run or worker is held while a batch runs).",
+            tags=TAGS,
+            concurrency_limit=1,
+            schedules=[Interval(COLLECT_EVERY_SECONDS)],
         ),
     ]
 

@@ -44,6 +44,7 @@ from tests.server import (
 
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 BATCH_FLOW = "kluster-batch-inference"
+COLLECT_FLOW = "kluster-collect-batches"
 RUN_TIMEOUT = 150  # seconds for one deployment run, worker pick-up included
 
 
@@ -88,6 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         stack.callback(drain_events)  # runs first at teardown, while the server is up
         pause_deployment(f"{BATCH_FLOW}/kluster-batch-nightly")  # no 02:00 surprise
+        pause_deployment(f"{COLLECT_FLOW}/kluster-collect-batches")  # the test collects itself
         yield Stack(server=server, emulator_url=emulator_url, env=env, work=base)
 
 
@@ -131,6 +133,7 @@ def test_prefect_yaml_deploys_every_deployment(stack: Stack) -> None:
         "kluster-list-models",
         "kluster-list-batches",
         "kluster-cancel-batch",
+        "kluster-collect-batches",
     }
     with get_client(sync_client=True) as client:
         found = {d.name: d for d in client.read_deployments()}
@@ -165,8 +168,12 @@ def test_serve_script_matches_prefect_yaml() -> None:
     for name, spec_ in wanted.items():
         assert (served[name].parameters or {}) == spec_.get("parameters", {}), name
         assert served[name].entrypoint.split(":")[1] == spec_["entrypoint"].split(":")[1]
-        crons = [s.schedule.cron for s in served[name].schedules or []]
-        assert crons == [s["cron"] for s in spec_.get("schedules", [])], name
+        crons = [getattr(s.schedule, "cron", None) for s in served[name].schedules or []]
+        assert crons == [s.get("cron") for s in spec_.get("schedules", [])], name
+        every = [getattr(s.schedule, "interval", None) for s in served[name].schedules or []]
+        assert [i.total_seconds() if i else None for i in every] == [
+            s.get("interval") for s in spec_.get("schedules", [])
+        ], name
 
 
 # --- running a deployment through the worker -----------------------------------------------------
@@ -375,3 +382,133 @@ def test_reporting_is_a_no_op_outside_a_run() -> None:
     # The pure parts still work, for callers that want the text.
     assert "| Succeeded | 1 |" in reporting.summary_markdown([batch], summary)
     assert reporting.artifact_key("Nightly Run_2") == "nightly-run-2"
+
+
+# --- cancellation and the long-wait mode, through the worker -------------------------------------
+
+
+def _emulator_admin(stack: Stack, path: str, body: dict | None = None) -> dict:
+    import httpx
+
+    root = stack.emulator_url.rsplit("/v1", 1)[0]
+    with httpx.Client(base_url=root, timeout=10) as http:
+        if body is None:
+            return http.get(path).json()
+        response = http.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+
+def _batches(stack: Stack, ids: set[str] | None = None) -> list[dict]:
+    rows = _emulator_admin(stack, "/_emulator/stats")["batches"]
+    return [b for b in rows if ids is None or b["id"] in ids]
+
+
+def _flow_run(run_id: UUID) -> FlowRun:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def test_cancelling_the_flow_run_cancels_its_remote_batches(stack: Stack) -> None:
+    from prefect.states import Cancelling
+
+    before = {b["id"] for b in _batches(stack)}
+    _emulator_admin(stack, "/_emulator/config", {"lines_per_second": 5})
+    try:
+        source = write_jsonl(stack.work / "cancel.jsonl", requests(200, prefix="cancel-"))
+        run = run_deployment(
+            f"{BATCH_FLOW}/kluster-batch-on-demand",
+            parameters={
+                "input_path": str(source),
+                "output_path": str(stack.work / "cancel-out" / "results.jsonl"),
+                "poll_interval": 0.2,
+            },
+            timeout=0,
+        )
+        mine = wait_for(
+            lambda: [
+                b
+                for b in _batches(stack)
+                if b["id"] not in before and b["status"] == "in_progress" and b["completed"]
+            ],
+            RUN_TIMEOUT,
+            "the run's batch to be in progress",
+        )
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+        final = wait_for(
+            lambda: (r := _flow_run(run.id)).state.is_final() and r,
+            90,
+            "the cancelled run to end",
+            interval=0.5,
+        )
+        assert final.state.is_cancelled(), final.state
+        ended = wait_for(
+            lambda: [b for b in _batches(stack, {mine[0]["id"]}) if b["status"] == "cancelled"],
+            60,
+            "the remote batch to be cancelled",
+            interval=0.2,
+        )
+        assert 0 < ended[0]["completed"] < 200, ended
+    finally:
+        _emulator_admin(stack, "/_emulator/config", {"lines_per_second": None})
+
+
+def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: Stack) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.objects import StateType
+
+    rows = requests(40, prefix="later-")
+    source = write_jsonl(stack.work / "later.jsonl", rows)
+    later = stack.work / "later-out" / "results.jsonl"
+    before = {b["id"] for b in _batches(stack)}
+    _emulator_admin(stack, "/_emulator/config", {"lines_per_second": 8})
+    try:
+        submitted = _run(
+            f"{BATCH_FLOW}/kluster-batch-on-demand",
+            {
+                "input_path": str(source),
+                "output_path": str(later),
+                "wait": False,
+                "max_requests_per_file": 20,
+            },
+        )
+        assert submitted.state.is_completed(), submitted.state
+        mine = {b["id"] for b in _batches(stack)} - before
+        assert len(mine) == 2
+        running = [b for b in _batches(stack, mine) if b["status"] != "completed"]
+        assert running, "the batches are still running after the submitting run ended"
+        with get_client(sync_client=True) as client:
+            holding = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type={"any_": [StateType.RUNNING]})
+                )
+            )
+        assert holding == [], "no flow run stays Running while the batches wait"
+        assert not later.exists()
+        collected = wait_for(
+            lambda: (
+                _run(f"{COLLECT_FLOW}/kluster-collect-batches").state.is_completed()
+                and later.exists()
+            ),
+            RUN_TIMEOUT,
+            "a collector run to finish the pending run",
+            interval=1,
+        )
+        assert collected
+    finally:
+        _emulator_admin(stack, "/_emulator/config", {"lines_per_second": None})
+    waited = stack.work / "waited-out" / "results.jsonl"
+    run = _run(
+        f"{BATCH_FLOW}/kluster-batch-on-demand",
+        {
+            "input_path": str(source),
+            "output_path": str(waited),
+            "poll_interval": 0.2,
+            "max_requests_per_file": 20,
+        },
+    )
+    assert run.state.is_completed(), run.state
+    assert waited.read_bytes() == later.read_bytes()
+    assert sorted(r["custom_id"] for r in read_jsonl(later)) == sorted(r["custom_id"] for r in rows)
+    assert {b["id"] for b in _batches(stack)} - before == mine, "the waiting run reused them"

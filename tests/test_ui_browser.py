@@ -92,6 +92,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
         wait_for(deployed, 90, "serve.py to create its deployments", 0.5, serve)
         pause_deployment("kluster-batch-inference/kluster-batch-nightly")  # no 02:00 surprise
+        pause_deployment("kluster-collect-batches/kluster-collect-batches")
         yield Served(server=server, work=base, serve_log=serve.log)
 
 
