@@ -316,7 +316,12 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
         with httpx.Client(base_url=PREFECT_API_URL.value()) as http:
             found = http.post(
                 "/events/filter",
-                json={"filter": {"event": {"prefix": ["kluster.batch."]}}, "limit": 200},
+                json={
+                    "filter": {
+                        "resource": {"id": [f"kluster.batch.{b}" for b in result.batch_ids]}
+                    },
+                    "limit": 50,
+                },
             ).json()["events"]
         seen = {(e["event"], e["resource"]["prefect.resource.id"]) for e in found}
         return found if wanted <= seen else None
