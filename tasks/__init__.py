@@ -15,9 +15,16 @@ from tasks.download import download_batch_results, download_file
 from tasks.join import JoinSummary, OutputExistsError, join_result_files, join_results
 from tasks.manage import cancel_batch, list_batches, list_models
 from tasks.retry import is_transient_error
-from tasks.submit import submit_batch
+from tasks.rounds import build_retry_shards, join_round
+from tasks.submit import ShardUpload, find_existing_batches, submit_batch, submit_shard
 from tasks.types import BatchInfo, ModelInfo, RequestCounts, Shard, TokenUsage
-from tasks.upload import FileLimitError, check_file_limits, upload_file
+from tasks.upload import (
+    FileLimitError,
+    check_file_limits,
+    clean_up_uploads,
+    upload_file,
+    upload_shard,
+)
 from tasks.wait import BatchWaitTimeout, poll_batch, wait_for_batch
 
 __all__ = [
@@ -31,23 +38,30 @@ __all__ = [
     "RequestCounts",
     "RequestFileError",
     "Shard",
+    "ShardUpload",
     "TokenUsage",
     "build_request_file",
     "build_request_lines",
+    "build_retry_shards",
     "cancel_batch",
     "check_file_limits",
+    "clean_up_uploads",
     "download_batch_results",
     "download_file",
+    "find_existing_batches",
     "is_transient_error",
     "join_result_files",
     "join_results",
+    "join_round",
     "list_batches",
     "list_models",
     "poll_batch",
     "read_prompts",
     "shard_request_file",
     "submit_batch",
+    "submit_shard",
     "upload_file",
+    "upload_shard",
     "validate_and_shard",
     "wait_for_batch",
     "write_request_lines",
