@@ -512,3 +512,14 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
     assert waited.read_bytes() == later.read_bytes()
     assert sorted(r["custom_id"] for r in read_jsonl(later)) == sorted(r["custom_id"] for r in rows)
     assert {b["id"] for b in _batches(stack)} - before == mine, "the waiting run reused them"
+
+
+def test_block_register_puts_the_credentials_block_in_the_catalog(stack: Stack) -> None:
+    run_cli(["block", "register", "-m", "blocks"], stack.env)
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("kluster-ai-credentials")
+        schemas = client.read_block_schemas()
+    assert block_type.name == "kluster.ai Credentials"
+    schema = next(s for s in schemas if s.block_type_id == block_type.id)
+    assert "api_key" in schema.fields["properties"]
+    assert schema.fields["properties"]["api_key"].get("format") == "password"
