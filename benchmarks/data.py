@@ -35,7 +35,7 @@ WORDS = (
     "what is the ultimate breakfast sandwich explain pythagorean theorem in spanish "
     "summarise this ticket the customer says their order arrived late and the box was "
     "damaged please classify sentiment of review translate into french list three facts "
-    "about rivers why is the sky blue write a haiku about autumn \"quoted\" caf\u00e9 "
+    'about rivers why is the sky blue write a haiku about autumn "quoted" caf\u00e9 '
     "na\u00efve r\u00e9sum\u00e9 50% off 3/4 cup"
 ).split()
 IMAGE_URL = (
@@ -81,7 +81,12 @@ def request_dicts(n: int, seed: int = SEED) -> Iterator[dict]:
         body: dict = {"model": model, "messages": messages, "max_completion_tokens": 1000}
         if rng.random() < 0.3:
             body["temperature"] = round(rng.random(), 2)
-        yield {"custom_id": _id(rng, i), "method": "POST", "url": "/v1/chat/completions", "body": body}
+        yield {
+            "custom_id": _id(rng, i),
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": body,
+        }
 
 
 def write_requests(path: Path, n: int, seed: int = SEED) -> int:

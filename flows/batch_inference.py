@@ -237,6 +237,9 @@ def batch_inference(
     output_path: str = "results.jsonl",
     requests: list[dict[str, Any]] | None = None,
     prompts: list[str] | None = None,
+    prompts_path: str | None = None,
+    prompt_column: str = "text",
+    template: str | None = None,
     model: str | None = None,
     system_prompt: str | None = None,
     completion_params: dict[str, Any] | None = None,
@@ -264,11 +267,15 @@ def batch_inference(
 
     Args:
         input_path: A batch request JSONL file (local path or fsspec URL). Or give
-            `requests`, or `prompts` with `model`.
+            `requests`, or `prompts` or `prompts_path` with `model`.
         output_path: Where the joined results go (JSONL, one line per request, in input
             order). Refused if it exists, unless `overwrite`.
         requests: Request dicts in the batch format (custom_id, method, url, body).
         prompts: Plain user prompts; each becomes one request for `model`.
+        prompts_path: A CSV (with a header row) or JSONL file of prompts, streamed; each
+            row becomes one request for `model`.
+        prompt_column: The column (CSV) or field (JSONL) holding the prompt text.
+        template: A str.format template over a row's fields, e.g. "Summarise: {text}".
         model: The model for `prompts`, e.g. klusterai/Meta-Llama-3.3-70B-Instruct-Turbo.
         system_prompt: Optional system message put before each prompt.
         completion_params: Extra body fields for `prompts`, e.g. max_completion_tokens.
@@ -302,9 +309,9 @@ def batch_inference(
             raise OutputExistsError(f"{existing} already exists; pass overwrite=True to replace it")
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    given = [x is not None for x in (input_path, requests, prompts)]
+    given = [x is not None for x in (input_path, requests, prompts, prompts_path)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of input_path, requests or prompts")
+        raise ValueError("give exactly one of input_path, requests, prompts or prompts_path")
     work = default_work_dir(output_path, work_dir)
     work.mkdir(parents=True, exist_ok=True)
     credentials = resolve_credentials(credentials_block)
@@ -329,6 +336,9 @@ def batch_inference(
             model=model,
             system_prompt=system_prompt,
             completion_params=completion_params,
+            prompts_path=prompts_path,
+            prompt_column=prompt_column,
+            template=template,
         )
     allowed = [m.id for m in list_models(credentials)] if check_models else None
     shards = validate_and_shard(
@@ -530,11 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Using the embedded kluster.ai emulator at {emu.base_url}", flush=True)
         kwargs: dict[str, Any] = {}
         if args.prompts_file:
-            from tasks.build import read_prompts
-
-            kwargs["prompts"] = list(
-                read_prompts(args.prompts_file, args.prompt_column, args.template)
-            )
+            kwargs["prompts_path"] = args.prompts_file
+            kwargs["prompt_column"] = args.prompt_column
+            kwargs["template"] = args.template
             kwargs["model"] = args.model
             kwargs["system_prompt"] = args.system_prompt
             if args.max_completion_tokens:

@@ -1,8 +1,11 @@
 """Step 1 of the lifecycle: build, validate and shard request files.
 
-Everything here streams: the input is read a line at a time and valid lines are copied
-to shard files byte for byte, so a 10-million-line input costs no more memory than a
-small one. Nothing is uploaded until every line has passed.
+Everything here streams: the input is read in blocks of whole lines (about 4 MB) and valid
+lines are copied to shard files byte for byte, so a 10-million-line input costs no more
+memory than a small one (plus 8 bytes a line for the duplicate check). Each line is decoded
+once, by the schema's typed decoder; on large local inputs a helper process decodes part of
+the blocks on a second core (tasks._lines). A block with any problem is gone through again
+a line at a time, which names each problem. Nothing is uploaded until every line has passed.
 """
 
 from __future__ import annotations
@@ -10,10 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import struct
-import subprocess
-import sys
-import threading
 from array import array
 from bisect import bisect_right
 from collections import deque
@@ -22,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, BinaryIO
 
 import fsspec
@@ -31,6 +29,8 @@ import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
 
+from tasks import _lines as line_work
+from tasks._lines import Helper, ModelNotAllowed, check_requests, read_blocks
 from tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
 from tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
 
@@ -82,10 +82,9 @@ def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
     return f"not valid JSON: {text}"
 
 
-# Input is read in blocks of whole lines; each block is checked with one decode per line and
-# written with one write per shard piece, hashed and written by a helper thread (hashlib and
-# file writes release the GIL), so the main thread only decodes.
-_BLOCK_BYTES = 1 << 22
+# Input is read in blocks of whole lines (tasks._lines.read_blocks). Each block is checked
+# with one decode per line, here or in a helper process, and written with one write per
+# shard piece; a helper thread hashes and writes (hashlib and file writes release the GIL).
 _PENDING_WRITES = 4
 
 
@@ -278,180 +277,6 @@ def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
     return problems
 
 
-def _read_blocks(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """The input as (offset, block) pairs of whole lines: each block ends with a newline,
-    except the file's last one when the file does not."""
-    offset = 0
-    rest = b""
-    while True:
-        chunk = handle.read(_BLOCK_BYTES)
-        if not chunk:
-            break
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            rest += chunk
-            continue
-        block = rest + chunk[: end + 1] if rest else chunk[: end + 1]
-        rest = chunk[end + 1 :]
-        yield offset, block
-        offset += len(block)
-    if rest:
-        yield offset, rest
-
-
-def _check_block(
-    lines: list[bytes], models: frozenset[str] | None, decode: Any, encode: Any
-) -> list[bytes]:
-    """The JSON custom_ids of ``lines`` if every line is a valid request; raises otherwise.
-
-    The same check runs in the helper process (``_HELPER_SOURCE``); keep the two alike.
-    """
-    if models is None:
-        ids = [decode(line).custom_id for line in lines]
-    else:
-        ids = []
-        for line in lines:
-            request = decode(line)
-            if request.body.model not in models:
-                raise _SlowPath
-            ids.append(request.custom_id)
-    return list(map(encode, ids))
-
-
-class _SlowPath(Exception):
-    """A block needs the line-at-a-time path."""
-
-
-# The helper process: checks blocks the main process names by (offset, size) with the
-# same schema (loaded from its file, so that the helper imports msgspec and nothing else)
-# and answers, in order, with the blocks' JSON custom_ids, or nothing if a line is bad.
-_HELPER_SOURCE = """
-import importlib.util, struct, sys
-import msgspec
-schema_path, source, models = sys.argv[1], sys.argv[2], msgspec.json.decode(sys.argv[3])
-spec = importlib.util.spec_from_file_location("_kluster_request_schema", schema_path)
-schema = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = schema
-spec.loader.exec_module(schema)
-decode = msgspec.json.Decoder(schema.RequestLine).decode
-encode = msgspec.json.encode
-models = None if models is None else frozenset(models)
-inp, out = sys.stdin.buffer, sys.stdout.buffer
-with open(source, "rb") as handle:
-    while len(header := inp.read(16)) == 16:
-        offset, size = struct.unpack("<qq", header)
-        handle.seek(offset)
-        lines = handle.read(size).split(b"\\n")
-        lines.pop()
-        try:
-            if models is None:
-                ids = [decode(line).custom_id for line in lines]
-            else:
-                ids = []
-                for line in lines:
-                    request = decode(line)
-                    if request.body.model not in models:
-                        raise ValueError
-                    ids.append(request.custom_id)
-            blob = b"\\n".join(map(encode, ids)) + b"\\n"
-        except Exception:
-            blob = b""
-        out.write(struct.pack("<q", len(blob)) + blob)
-        out.flush()
-"""
-# Inputs at least this big are checked by two processes: decoding is the bottleneck
-# (about 1.2 us a line here) and the helper takes under 0.1 s to start.
-_HELPER_MIN_BYTES = 32 << 20
-_HELPER_MAX_OUTSTANDING = 2
-
-
-class _Helper:
-    """A second process checking some of the blocks; if it fails, the main process does."""
-
-    def __init__(self, source: str, models: frozenset[str] | None):
-        self.outstanding = 0
-        self.alive = True
-        self._replies: SimpleQueue[bytes | None] = SimpleQueue()
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _HELPER_SOURCE,
-                str(Path(__file__).with_name("schema.py")),
-                source,
-                msgspec.json.encode(sorted(models) if models is not None else None).decode(),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self._reader = threading.Thread(target=self._read, name="shard-helper", daemon=True)
-        self._reader.start()
-
-    @classmethod
-    def start(cls, source: str, models: frozenset[str] | None) -> _Helper | None:
-        if not sys.executable or "://" in source or not os.path.isfile(source):
-            return None
-        if os.path.getsize(source) < _HELPER_MIN_BYTES:
-            return None
-        try:
-            return cls(source, models)
-        except OSError:
-            return None
-
-    def _read(self) -> None:
-        stdout = self._proc.stdout
-        assert stdout is not None
-        try:
-            while len(header := stdout.read(8)) == 8:
-                (size,) = struct.unpack("<q", header)
-                blob = stdout.read(size)
-                if len(blob) != size:
-                    break
-                self._replies.put(blob)
-        except (OSError, ValueError):
-            pass
-        self._replies.put(None)
-
-    def send(self, offset: int, size: int) -> bool:
-        try:
-            stdin = self._proc.stdin
-            assert stdin is not None
-            stdin.write(struct.pack("<qq", offset, size))
-            stdin.flush()
-        except (OSError, ValueError):
-            self.alive = False
-            return False
-        self.outstanding += 1
-        return True
-
-    def ready(self) -> bool:
-        return not self._replies.empty()
-
-    def reply(self) -> bytes | None:
-        """The next answer (waiting for it), or None if the helper is gone."""
-        if not self.alive:
-            return None
-        blob = self._replies.get()
-        if blob is None:
-            self.alive = False
-            return None
-        self.outstanding -= 1
-        return blob
-
-    def close(self) -> None:
-        try:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
-            self._proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self._proc.kill()
-            self._proc.wait()
-        self._reader.join(timeout=5)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-
-
 class _Block:
     """A block of input lines on its way through the check, in input order."""
 
@@ -491,29 +316,31 @@ class _Sharding:
         self.encode = msgspec.json.encode
 
     def run(self, handle: BinaryIO) -> None:
-        helper = _Helper.start(self.source, self.models)
+        helper = None
+        if "://" not in self.source:
+            models = sorted(self.models) if self.models is not None else None
+            helper = Helper.start([self.source], models=models)
         pending: deque[_Block] = deque()
         try:
-            for offset, data in _read_blocks(handle):
+            for offset, data in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
                 count = data.count(b"\n")
                 complete = count and data[-1] == 10  # ends with a newline
                 block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
                 self.lines += block.count
                 if (
                     helper is not None
-                    and helper.alive
-                    and helper.outstanding < _HELPER_MAX_OUTSTANDING
+                    and helper.can_take()
                     and complete
                     and len(data) < self.max_file_bytes
                     and not self.problems
                     and b"\r" not in data
-                    and helper.send(offset, len(data))
+                    and helper.send(0, offset, len(data))
                 ):
                     pending.append(block)
                 else:
                     self._check(block)
                     pending.append(block)
-                if not self._take(pending, helper, wait=len(pending) > 8):
+                if not self._take(pending, helper, wait=len(pending) > 2 * Helper.MAX_OUTSTANDING):
                     return
             self._take(pending, helper, wait=True)
         finally:
@@ -536,18 +363,18 @@ class _Sharding:
         if len(block.data) > self.max_file_bytes and max(map(len, lines)) >= self.max_file_bytes:
             return
         try:
-            block.ids = _check_block(lines, self.models, self.decode, self.encode)
-        except (_SlowPath, msgspec.MsgspecError, UnicodeDecodeError):
+            block.ids = check_requests(lines, self.models)
+        except (ModelNotAllowed, msgspec.MsgspecError, UnicodeDecodeError):
             return
         block.state = True
 
-    def _take(self, pending: deque[_Block], helper: _Helper | None, wait: bool) -> bool:
+    def _take(self, pending: deque[_Block], helper: Helper | None, wait: bool) -> bool:
         """Take finished blocks in order; False once too many problems were found."""
         while pending:
             block = pending[0]
             if block.state is None:
                 assert helper is not None
-                if not wait and helper.alive and not helper.ready():
+                if not wait and not helper.ready():
                     return True
                 blob = helper.reply()
                 ids = blob.split(b"\n") if blob else None
@@ -714,21 +541,26 @@ def build_request_file(
     model: str | None = None,
     system_prompt: str | None = None,
     completion_params: dict[str, Any] | None = None,
+    prompts_path: str | None = None,
+    prompt_column: str = "text",
+    template: str | None = None,
 ) -> str:
-    """Write a batch request JSONL file from request dicts, or from prompts and a model.
+    """Write a batch request JSONL file from request dicts, or from prompts (a list, or a
+    CSV/JSONL file streamed row by row through ``template``) and a model.
 
     The file is validated afterwards by ``validate_and_shard``, like any user-given file.
     """
-    if (requests is None) == (prompts is None):
-        raise ValueError("give exactly one of requests or prompts")
-    if prompts is not None:
+    if sum(x is not None for x in (requests, prompts, prompts_path)) != 1:
+        raise ValueError("give exactly one of requests, prompts or prompts_path")
+    if requests is not None:
+        lines: Iterable[dict[str, Any]] = requests
+    else:
         if not model:
             raise ValueError("building from prompts needs a model")
-        lines: Iterable[dict[str, Any]] = build_request_lines(
-            prompts, model, system_prompt, completion_params
+        texts: Iterable[str] = (
+            prompts if prompts is not None else read_prompts(prompts_path, prompt_column, template)
         )
-    else:
-        lines = requests  # type: ignore[assignment]
+        lines = build_request_lines(texts, model, system_prompt, completion_params)
     count = write_request_lines(lines, path)
     get_run_logger().info("Wrote %d request lines to %s", count, path)
     return path

@@ -1,16 +1,22 @@
-"""Step 6: join results back to their requests, in input order, in one streaming pass.
+"""Step 6: join results back to their requests, in input order.
 
-The service does not promise output order, so results are indexed by custom_id first:
-an index holds only a 64-bit hash, a file number and an offset per result (16 bytes), and
-the result line itself is read back from disk when its request's turn comes. When the
-output is in input order, as it usually is, the reads are sequential.
+The service does not promise output order, so the join takes two passes. The first
+decodes every result line once and writes its joined line to a scratch file, keeping an
+index of about 50 bytes a result (a 64-bit hash of the custom_id, where the joined line
+is, its kind and token counts); on large inputs a helper process on a second core does
+part of it. The second pass reads the custom_ids of the requests a window at a time and
+copies their joined lines into the output, in input order; when the results came in
+input order, as they usually do, the reads are sequential.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,11 +26,24 @@ from prefect import task
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
+# to_joined, is_transient_failure and the codes are defined in tasks._lines, which imports no
+# Prefect, so that the join's helper process can run them; they are this module's API too.
+from tasks._lines import (
+    NOT_PROCESSED,
+    OK,
+    TRANSIENT,
+    TRANSIENT_CODES,
+    UNREAD,
+    Helper,
+    JoinedBlock,
+    is_transient_failure,
+    read_blocks,
+    split_lines,
+    to_joined,
+)
 from tasks.schema import (
-    JoinedError,
     JoinedLine,
     ResultLine,
-    Usage,
     custom_id_decoder,
     joined_encoder,
     result_decoder,
@@ -32,18 +51,18 @@ from tasks.schema import (
 from tasks.types import Shard, TokenUsage
 
 CHUNK_LINES = 65536
-NOT_PROCESSED = "not_processed"
-# Failures that a later attempt can get past: rate limits, server errors, lines never run.
-TRANSIENT_CODES = frozenset(
-    {
-        "batch_expired",
-        "batch_cancelled",
-        NOT_PROCESSED,
-        "rate_limit_exceeded",
-        "server_error",
-        "timeout",
-    }
-)
+__all__ = [
+    "NOT_PROCESSED",
+    "TRANSIENT_CODES",
+    "JoinSummary",
+    "OutputExistsError",
+    "ShardSummary",
+    "is_transient_failure",
+    "join_result_files",
+    "join_results",
+    "parquet_available",
+    "to_joined",
+]
 
 
 class OutputExistsError(FileExistsError):
@@ -71,137 +90,213 @@ class JoinSummary(BaseModel):
     shards: list[ShardSummary] = Field(default_factory=list)
 
 
-def is_transient_failure(line: JoinedLine) -> bool:
-    """A failed line worth another round: 429, 5xx, a timeout, or a line that never ran."""
-    if line.status == "ok" or line.error is None:
-        return False
-    code = line.error.status_code
-    if code is not None and (code == 429 or code >= 500):
-        return True
-    return (line.error.code or "") in TRANSIENT_CODES
+# Where the helper's scratch lines live in the index's one offset space.
+_HELPER_SCRATCH = 1 << 56
+# Custom_ids are joined a window at a time: about 16,000 (a few MB of joined lines).
+_WINDOW_BYTES = 1 << 19
+# Blocks of the first pass that may wait, in order, for the helper's answers.
+_MAX_PENDING = 64
+# Lines of a window nearer than this in the scratch files are read with one read.
+_READ_GAP = 8192
+_CUSTOM_ID_PREFIX = b'{"custom_id":'
 
 
-def to_joined(custom_id: str, result: ResultLine | None) -> JoinedLine:
-    """The joined record for one request, from its result line (or its absence)."""
-    if result is None:
-        return JoinedLine(
-            custom_id,
-            "error",
-            None,
-            None,
-            None,
-            None,
-            JoinedError("no result: the request was never processed", NOT_PROCESSED),
-        )
-    response = result.response
-    body = response.body if response is not None else None
-    status_code = response.status_code if response is not None else None
-    if (
-        result.error is None
-        and body is not None
-        and body.error is None
-        and status_code is not None
-        and 200 <= status_code < 300
-    ):
-        choice = body.choices[0] if body.choices else None
-        content = choice.message.content if choice and choice.message else None
-        return JoinedLine(
-            custom_id,
-            "ok",
-            content,
-            choice.finish_reason if choice else None,
-            body.usage,
-            body.model,
-            None,
-        )
-    message = code = None
-    if result.error is not None:
-        message, code = result.error.message, result.error.code
-    if body is not None:
-        if isinstance(body.error, dict):
-            message = message or body.error.get("message")
-            code = code or body.error.get("code") or body.error.get("type")
-        elif isinstance(body.error, str):
-            message = message or body.error
-        message = message or body.message
-    return JoinedLine(
-        custom_id,
-        "error",
-        None,
-        None,
-        None,
-        body.model if body else None,
-        JoinedError(message or f"request failed with HTTP {status_code}", code, status_code),
-    )
+class _Pending:
+    """A block of result lines the helper was asked to join (read again if it fails)."""
+
+    __slots__ = ("file_no", "offset", "size")
+
+    def __init__(self, file_no: int, offset: int, size: int):
+        self.file_no = file_no
+        self.offset = offset
+        self.size = size
 
 
 class _ResultIndex:
-    """custom_id -> (file, offset) over several result files; later files take precedence."""
+    """JSON custom_id -> joined line, over several result files; later files take precedence.
 
-    def __init__(self, paths: Sequence[str]):
+    One pass decodes every result line and writes its joined line to a scratch file (a
+    helper process does part of it, into a second scratch file). The index keeps per result
+    only a 64-bit hash of the JSON custom_id, where its joined line is, its kind (ok,
+    failed, transient) and token counts: about 50 bytes a result, in arrays. The join then
+    reads joined lines back a window of requests at a time.
+    """
+
+    def __init__(self, paths: Sequence[str], scratch_stem: Path):
         self.paths = list(paths)
-        hashes, files, offsets = array("q"), array("q"), array("q")
-        decode = custom_id_decoder.decode
-        for file_no, path in enumerate(self.paths):
-            offset = 0
-            with open(path, "rb") as handle:
-                for line in handle:
-                    if line.strip():
-                        hashes.append(hash(decode(line).custom_id))
-                        files.append(file_no)
-                        offsets.append(offset)
-                    offset += len(line)
-        keys = np.frombuffer(hashes, dtype=np.int64)
-        file_nos = np.frombuffer(files, dtype=np.int64)
-        offs = np.frombuffer(offsets, dtype=np.int64)
-        order = np.lexsort((offs, file_nos, keys))
-        self.keys = keys[order]
-        self.files = file_nos[order]
-        self.offsets = offs[order]
-        self._handles: list[BinaryIO] = [open(p, "rb") for p in self.paths]  # noqa: SIM115
-        self._positions = [0] * len(self.paths)
+        self._scratch_paths = [
+            scratch_stem.with_name(f"{scratch_stem.name}.scratch-{i}.tmp") for i in (0, 1)
+        ]
+        self._files: list[BinaryIO] = []
+        self._hashes, self._starts, self._lengths = array("q"), array("q"), array("q")
+        self._kinds, self._tokens = bytearray(), array("q")
+        try:
+            self._files.append(open(self._scratch_paths[0], "w+b"))  # noqa: SIM115
+            self._scratch_end = 0
+            self._helper_end = 0  # bytes the helper has written to its scratch file
+            self._writer = _Writer(self._files[0])
+            try:
+                self._index_all()
+            finally:
+                self._writer.close()
+            self._files[0].flush()
+            if self._helper_end:  # the helper answered for some blocks
+                self._files.append(open(self._scratch_paths[1], "rb"))  # noqa: SIM115
+        except BaseException:
+            self.close()
+            raise
+        self._fds = [f.fileno() for f in self._files]
+        keys = np.frombuffer(self._hashes, dtype=np.int64)
+        # Stable: equal keys stay in file order, so the last of a run is the latest result.
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+        self.starts = np.frombuffer(self._starts, dtype=np.int64)
+        self.lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        self.kinds = np.frombuffer(self._kinds, dtype=np.int8)
+        self.tokens = np.frombuffer(self._tokens, dtype=np.int64).reshape(-1, 3)
 
     def close(self) -> None:
-        for handle in self._handles:
+        for handle in self._files:
             handle.close()
+        for path in self._scratch_paths:
+            path.unlink(missing_ok=True)
 
-    def _read(self, file_no: int, offset: int) -> bytes:
-        handle = self._handles[file_no]
-        if self._positions[file_no] != offset:  # sequential reads need no seek
-            handle.seek(offset)
-        line = handle.readline()
-        self._positions[file_no] = offset + len(line)
-        return line
+    # --- first pass ---------------------------------------------------------------------
 
-    def lookup(self, custom_ids: list[str]) -> list[ResultLine | None]:
-        """The latest result line for each custom_id, or None where there is none."""
-        if not len(self.keys):
-            return [None] * len(custom_ids)
-        wanted = np.fromiter((hash(c) for c in custom_ids), dtype=np.int64, count=len(custom_ids))
-        pos = np.searchsorted(self.keys, wanted, side="right") - 1
-        clipped = np.maximum(pos, 0)
-        hit = (pos >= 0) & (self.keys[clipped] == wanted)
-        files = self.files[clipped].tolist()
-        offsets = self.offsets[clipped].tolist()
-        out: list[ResultLine | None] = []
-        for i, custom_id in enumerate(custom_ids):
-            if not hit[i]:
-                out.append(None)
+    def _index_all(self) -> None:
+        helper = Helper.start(self.paths, scratch=str(self._scratch_paths[1]))
+        pending: deque[JoinedBlock | _Pending] = deque()
+        try:
+            for file_no, path in enumerate(self.paths):
+                with open(path, "rb") as handle:
+                    for offset, data in read_blocks(handle):
+                        if (
+                            helper is not None
+                            and data[-1] == 10
+                            and helper.can_take()
+                            and helper.send(file_no, offset, len(data))
+                        ):
+                            pending.append(_Pending(file_no, offset, len(data)))
+                        else:
+                            pending.append(self._join_here(data))
+                        # Waiting blocks hold no lines, so many may queue behind a slow
+                        # answer while this process goes on joining the next blocks.
+                        self._take(pending, helper, wait=len(pending) > _MAX_PENDING)
+            self._take(pending, helper, wait=True)
+        finally:
+            if helper is not None:
+                helper.close()
+
+    def _join_here(self, data: bytes) -> JoinedBlock:
+        block = JoinedBlock(split_lines(data))
+        block.start = self._scratch_end
+        self._scratch_end += len(block.data)
+        self._writer.write(block.data)
+        block.data = b""
+        return block
+
+    def _take(
+        self, pending: deque[JoinedBlock | _Pending], helper: Helper | None, wait: bool
+    ) -> None:
+        """Add finished blocks to the index, in file order."""
+        while pending:
+            item = pending[0]
+            if isinstance(item, _Pending):
+                assert helper is not None
+                if not wait and not helper.ready():
+                    return
+                answer = helper.reply()
+                block = None
+                if answer is not None:
+                    try:
+                        block = JoinedBlock.unpack(answer)
+                    except ValueError:
+                        block = None
+                if block is None:
+                    with open(self.paths[item.file_no], "rb") as handle:
+                        data = os.pread(handle.fileno(), item.size, item.offset)
+                    block = self._join_here(data)
+                    start = block.start
+                else:
+                    start = _HELPER_SCRATCH + self._helper_end
+                    self._helper_end += sum(block.lengths)
+            else:
+                block = item
+                start = block.start
+            pending.popleft()
+            if not block.lengths:
                 continue
-            result = result_decoder.decode(self._read(files[i], offsets[i]))
-            if result.custom_id != custom_id:  # a 64-bit hash collision: search its run
-                result = self._slow_lookup(custom_id, int(pos[i]))
-            out.append(result)
-        return out
+            self._hashes.extend(map(hash, block.ids))
+            self._starts.extend(accumulate(block.lengths[:-1], initial=start))
+            self._lengths.extend(block.lengths)
+            self._kinds.extend(block.kinds)
+            self._tokens.extend(block.tokens)
 
-    def _slow_lookup(self, custom_id: str, pos: int) -> ResultLine | None:
-        key = self.keys[pos]
+    # --- lookups ------------------------------------------------------------------------
+
+    def _read(self, start: int, size: int) -> bytes:
+        if start >= _HELPER_SCRATCH:
+            return os.pread(self._fds[1], size, start - _HELPER_SCRATCH)
+        return os.pread(self._fds[0], size, start)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The index entry of each key's latest result, -1 where there is none."""
+        if not len(self.keys):
+            return np.full(len(keys), -1, dtype=np.int64)
+        by_key = np.argsort(keys)  # searching in order is kinder to the cache
+        pos = np.empty(len(keys), dtype=np.int64)
+        pos[by_key] = np.searchsorted(self.keys, keys[by_key], side="right") - 1
+        clipped = np.maximum(pos, 0)
+        hit = (pos >= 0) & (self.keys[clipped] == keys)
+        return np.where(hit, self.order[clipped], -1)
+
+    def fetch(self, entries: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """The scratch lines of ``entries`` (all >= 0): one buffer holding them, and each
+        one's offset in it and length, in the order given. Lines near each other in the
+        scratch files come in one read."""
+        count = len(entries)
+        if not count:
+            empty = np.zeros(0, dtype=np.int64)
+            return b"", empty, empty
+        starts = self.starts[entries]
+        sizes = self.lengths[entries]
+        ends = starts + sizes
+        if (starts[1:] == ends[:-1]).all():  # one run, in order
+            low = int(starts[0])
+            return self._read(low, int(ends[-1]) - low), starts - low, sizes
+        order = np.argsort(starts, kind="stable")
+        first, reach = starts[order], np.maximum.accumulate(ends[order])
+        breaks = np.flatnonzero(first[1:] > reach[:-1] + _READ_GAP) + 1
+        run_first = np.concatenate(([0], breaks))
+        run_last = np.concatenate((breaks - 1, [count - 1]))
+        run_starts, run_ends = first[run_first], reach[run_last]
+        pieces = [
+            self._read(a, b - a)
+            for a, b in zip(run_starts.tolist(), run_ends.tolist(), strict=True)
+        ]
+        buf = b"".join(pieces) if len(pieces) > 1 else pieces[0]
+        run_base = np.cumsum(run_ends - run_starts) - (run_ends - run_starts)
+        run_of = np.repeat(np.arange(len(run_first)), np.diff(np.append(run_first, count)))
+        at = np.empty(count, dtype=np.int64)
+        at[order] = first - run_starts[run_of] + run_base[run_of]
+        return buf, at, sizes
+
+    def slow_find(self, json_id: bytes) -> int:
+        """The latest entry really for the custom_id ``json_id`` (past hash collisions)."""
+        custom_id = msgspec.json.decode(json_id)
+        key = hash(json_id)
+        pos = int(np.searchsorted(self.keys, key, side="right")) - 1
         while pos >= 0 and self.keys[pos] == key:
-            result = result_decoder.decode(self._read(int(self.files[pos]), int(self.offsets[pos])))
-            if result.custom_id == custom_id:
-                return result
+            entry = int(self.order[pos])
+            line = self._read(int(self.starts[entry]), int(self.lengths[entry]))
+            if custom_id_decoder.decode(line).custom_id == custom_id:
+                return entry
             pos -= 1
-        return None
+        return -1
+
+    def result(self, entry: int) -> ResultLine:
+        """Decode an entry the first pass could not: raises the line's decode error."""
+        return result_decoder.decode(self._read(int(self.starts[entry]), int(self.lengths[entry])))
 
 
 class _ParquetSink:
@@ -279,18 +374,163 @@ def parquet_available() -> bool:
     return True
 
 
-def _read_ids(path: str) -> Any:
-    """The custom_ids of a shard, in order, a chunk at a time."""
-    decode = msgspec.json.decode
-    chunk: list[str] = []
+def _read_ids(path: str) -> Iterator[tuple[list[bytes], list[str] | None]]:
+    """A shard's custom_ids in order, a window at a time, as canonical JSON strings (what
+    msgspec encodes), with the decoded ids when they had to be decoded to get those."""
+    decode, encode = msgspec.json.decode, msgspec.json.encode
     with open(path, "rb") as handle:
-        for line in handle:
-            chunk.append(decode(line))
-            if len(chunk) >= CHUNK_LINES:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+        for _, block in read_blocks(handle, _WINDOW_BYTES):
+            lines = split_lines(block)
+            if _canonical(block):
+                yield lines, None
+            else:
+                ids = list(map(decode, lines))
+                yield list(map(encode, ids)), ids
+
+
+def _canonical(block: bytes) -> bool:
+    """Every line of ``block`` is a quoted string with no escapes: such a line, if it is
+    valid JSON at all, is exactly what msgspec encodes for it."""
+    if block[-1:] != b"\n" or b"\\" in block:
+        return False
+    chars = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(chars == 10)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return bool(
+        (ends - starts >= 2).all() and (chars[starts] == 34).all() and (chars[ends - 1] == 34).all()
+    )
+
+
+class _Counts:
+    """Running counts of one shard's joined lines."""
+
+    def __init__(self) -> None:
+        self.succeeded = self.failed = self.retryable = 0
+        self.tokens = np.zeros(3, dtype=np.int64)
+
+
+def _join_window(
+    index: _ResultIndex,
+    json_ids: list[bytes],
+    ids: list[str] | None,
+    counts: _Counts,
+    out: _Writer,
+    sink: _ParquetSink | None,
+    retry_handle: BinaryIO | None,
+) -> None:
+    """Write the joined lines of one window of custom_ids, in their order."""
+    count = len(json_ids)
+    entries = index.find(np.fromiter(map(hash, json_ids), dtype=np.int64, count=count))
+    hit = entries >= 0
+    buf, at, sizes = index.fetch(entries[hit])
+    # A 64-bit hash can collide: check that each joined line is its request's.
+    wanted = json_ids if len(at) == count else list(compress(json_ids, hit.tolist()))
+    prefix = _CUSTOM_ID_PREFIX
+    if not all(map(buf.startswith, [prefix + j + b"," for j in wanted], at.tolist())):
+        entries = entries.copy()
+        positions = np.flatnonzero(hit).tolist()
+        for position, offset, json_id in zip(positions, at.tolist(), wanted, strict=True):
+            if not buf.startswith(prefix + json_id + b",", offset):
+                entries[position] = index.slow_find(json_id)
+        hit = entries >= 0
+        buf, at, sizes = index.fetch(entries[hit])
+    kinds = np.full(count, -1, dtype=np.int8)
+    kinds[hit] = index.kinds[entries[hit]]
+    unread = np.flatnonzero(kinds == UNREAD)
+    if len(unread):
+        index.result(int(entries[unread[0]]))  # raises that line's decode error
+    ok = kinds == OK
+    succeeded = int(np.count_nonzero(ok))
+    counts.succeeded += succeeded
+    counts.failed += count - succeeded
+    if succeeded:
+        counts.tokens += index.tokens[entries[ok]].sum(axis=0)
+    transient = (kinds == TRANSIENT) | ~hit
+    counts.retryable += int(np.count_nonzero(transient))
+
+    # The output: runs of lines that follow each other both in the window and in the
+    # buffer are copied in one piece; requests with no result are joined as not processed.
+    hit_at = np.flatnonzero(hit)
+    ends = at + sizes
+    joined = (hit_at[1:] == hit_at[:-1] + 1) & (at[1:] == ends[:-1])
+    first = np.concatenate(([0], np.flatnonzero(~joined) + 1)) if len(at) else at
+    last = np.append(first[1:] - 1, len(at) - 1) if len(at) else at
+    pieces = [buf[a:b] for a, b in zip(at[first].tolist(), ends[last].tolist(), strict=True)]
+    if len(at) < count:
+        encode = joined_encoder.encode
+        decode = msgspec.json.decode
+        run_input_starts = hit_at[first]
+        missing = np.flatnonzero(~hit)
+        where = np.searchsorted(run_input_starts, missing)
+        for i, piece_no in zip(missing.tolist()[::-1], where.tolist()[::-1], strict=True):
+            custom_id = ids[i] if ids is not None else decode(json_ids[i])
+            pieces.insert(piece_no, encode(to_joined(custom_id, None)) + b"\n")
+    data = b"".join(pieces)
+    out.write(data)
+    if sink is not None:
+        decode_line = _joined_decoder.decode
+        for line in data.split(b"\n")[:-1]:
+            sink.add(decode_line(line))
+    if retry_handle is not None and transient.any():
+        retry_handle.write(
+            b"".join(json_ids[i] + b"\n" for i in np.flatnonzero(transient).tolist())
+        )
+
+
+class _Writer:
+    """Writes to a file from a helper thread (file writes release the GIL), a few
+    blocks behind; errors come back on the next call."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle = handle
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-writer")
+        self._pending: deque[Future[Any]] = deque()
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(self._pool.submit(self._handle.write, data))
+        while len(self._pending) > 4:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every write; then the file can be closed."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+_joined_decoder = msgspec.json.Decoder(JoinedLine)
+
+
+def _join_all(
+    shards: Sequence[Shard],
+    index: _ResultIndex,
+    out: _Writer,
+    sink: _ParquetSink | None,
+    retry_handle: BinaryIO | None,
+    summary: JoinSummary,
+) -> None:
+    for shard in shards:
+        counts = _Counts()
+        for json_ids, ids in _read_ids(shard.ids_path):
+            _join_window(index, json_ids, ids, counts, out, sink, retry_handle)
+        prompt, completion, total = counts.tokens.tolist()
+        part = ShardSummary(
+            index=shard.index,
+            requests=counts.succeeded + counts.failed,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
+            usage=TokenUsage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=total
+            ),
+        )
+        summary.shards.append(part)
+        summary.requests += part.requests
+        summary.succeeded += part.succeeded
+        summary.failed += part.failed
+        summary.retryable += counts.retryable
+        summary.usage = summary.usage + part.usage
 
 
 def join_result_files(
@@ -319,50 +559,26 @@ def join_result_files(
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    index = _ResultIndex(result_paths)
-    sink = _ParquetSink(parquet_target) if parquet_target is not None else None
+    sink = None
     summary = JoinSummary(output_path=str(target))
-    retry_handle = open(retry_ids_path, "wb") if retry_ids_path else None  # noqa: SIM115
+    retry_handle = None
+    index = None
     done = False
     try:
-        with open(tmp, "wb", buffering=1 << 20) as out:
-            encode = joined_encoder.encode
-            for shard in shards:
-                part = ShardSummary(index=shard.index)
-                prompt = completion = total = 0
-                for ids in _read_ids(shard.ids_path):
-                    for custom_id, result in zip(ids, index.lookup(ids), strict=True):
-                        line = to_joined(custom_id, result)
-                        out.write(encode(line))
-                        out.write(b"\n")
-                        if sink is not None:
-                            sink.add(line)
-                        if line.status == "ok":
-                            part.succeeded += 1
-                            usage: Usage | None = line.usage
-                            if usage is not None:
-                                prompt += usage.prompt_tokens
-                                completion += usage.completion_tokens
-                                total += usage.total_tokens
-                        else:
-                            part.failed += 1
-                            if is_transient_failure(line):
-                                summary.retryable += 1
-                                if retry_handle is not None:
-                                    retry_handle.write(msgspec.json.encode(custom_id) + b"\n")
-                part.requests = part.succeeded + part.failed
-                part.usage = TokenUsage(
-                    prompt_tokens=prompt, completion_tokens=completion, total_tokens=total
-                )
-                summary.shards.append(part)
-                summary.requests += part.requests
-                summary.succeeded += part.succeeded
-                summary.failed += part.failed
-                summary.usage = summary.usage + part.usage
+        index = _ResultIndex(result_paths, target)
+        sink = _ParquetSink(parquet_target) if parquet_target is not None else None
+        retry_handle = open(retry_ids_path, "wb") if retry_ids_path else None  # noqa: SIM115
+        with open(tmp, "wb") as handle:
+            out = _Writer(handle)
+            try:
+                _join_all(shards, index, out, sink, retry_handle, summary)
+            finally:
+                out.close()
         os.replace(tmp, target)
         done = True
     finally:
-        index.close()
+        if index is not None:
+            index.close()
         if retry_handle is not None:
             retry_handle.close()
         if sink is not None:

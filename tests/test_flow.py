@@ -334,3 +334,32 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
         and e["resource"]["prefect.resource.name"] in result.batch_ids
     )
     assert completed["payload"]["request_counts"]["total"] == 2
+
+
+def test_prompts_file_with_a_template_is_streamed_into_requests(tmp_path, kluster_env):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("text,lang\nGood morning,French\nThank you,German\n")
+    result = batch_inference(
+        prompts_path=str(prompts),
+        template="Translate into {lang}: {text}",
+        model=MODEL,
+        output_path=str(tmp_path / "o.jsonl"),
+        poll_interval=0.05,
+    )
+    joined = read_jsonl(result.output_path)
+    assert [r["custom_id"] for r in joined] == ["request-1", "request-2"]
+    assert "Translate into German: Thank you" in joined[1]["content"]
+
+
+def test_fsspec_url_input(tmp_path, kluster_env):
+    import fsspec
+
+    with fsspec.open("memory://kluster-test/in.jsonl", "wb") as handle:
+        for row in requests(3):
+            handle.write(json.dumps(row).encode() + b"\n")
+    result = batch_inference(
+        input_path="memory://kluster-test/in.jsonl",
+        output_path=str(tmp_path / "o.jsonl"),
+        poll_interval=0.05,
+    )
+    assert [r["custom_id"] for r in read_jsonl(result.output_path)] == ["req-0", "req-1", "req-2"]

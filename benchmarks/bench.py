@@ -1,0 +1,372 @@
+"""Benchmark: validate + shard, join, and the whole flow, each beside the guide's way.
+
+    .venv/bin/python benchmarks/bench.py [--n 1000000] [--e2e-n 100000] [--skip-e2e]
+                                          [--workdir DIR] [--repeat 1]
+
+It writes N synthetic guide-shaped requests (fixed seed, about 340 bytes a line) and N
+result lines in a temp dir, then measures, each in a fresh process (steps.py) so that
+peak RSS is the step's own:
+
+  a. validate + shard N requests: ``shard_request_file`` vs. a list of dicts checked in
+     Python and written back with ``json.dumps`` (at 100k and at N, for RSS growth);
+  b. join N results (lightly shuffled, some errors and missing lines):
+     ``join_result_files`` vs. whole files in memory, a dict by custom_id, ``json.dumps``;
+  c. the flow on E2E-N requests against the in-process emulator vs. the guide's script
+     (upload, create, poll every 0.2 s, ``.content``) through the openai SDK, beside the
+     emulator's own validation and processing time.
+
+MB are 10^6 bytes. Peak RSS is VmHWM of the step's process plus the largest of any helper
+process it started. Each step also shows its CPU time and the load average when it began:
+on a shared 2-CPU machine, other work shows up in wall time, and ``--repeat`` runs our steps
+several times and reports the fastest. Targets are checked and printed; misses do not
+change the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STEPS = HERE / "steps.py"
+MAX_FILE_BYTES = 99_000_000  # the default of shard_request_file
+STEP_TIMEOUT = 3600
+
+TARGETS = {
+    "shard_mb_s": 250.0,
+    "shard_speedup": 3.0,
+    "shard_rss_mb": 300.0,
+    "shard_rss_growth_mb": 50.0,
+    "join_mb_s": 150.0,
+    "join_rss_mb": 300.0,
+    "e2e_factor": 1.5,
+    "e2e_slack_s": 10.0,
+}
+
+
+def run_step(step: str, **args: Any) -> dict[str, Any]:
+    """Run one step in a fresh interpreter; its last output line is its JSON result."""
+    os.sync()  # earlier steps' writes go to disk now, not during this step's timing
+    load = os.getloadavg()[0]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    proc = subprocess.run(
+        [sys.executable, str(STEPS), step, json.dumps(args)],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"benchmark step {step} failed (exit {proc.returncode})")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load}
+
+
+def run_ours(repeat: int, step: str, cleanup: Any = None, **args: Any) -> dict[str, Any]:
+    """Our step ``repeat`` times, each in a fresh process; the fastest run is reported."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(run_step(step, **args))
+        if cleanup is not None and len(runs) < repeat:
+            cleanup()
+    best = min(runs, key=lambda r: r["seconds"])
+    if repeat > 1:
+        walls = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+        print(f"  ours, {repeat} runs: {walls} s (fastest shown)", flush=True)
+    return best
+
+
+def run_parallel(steps: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run untimed steps (data generation) side by side."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(STEPS), step, json.dumps(args)],
+            cwd=str(ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for step, args in steps
+    ]
+    results = []
+    for (step, _), proc in zip(steps, procs, strict=True):
+        out, _ = proc.communicate(timeout=STEP_TIMEOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark step {step} failed (exit {proc.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def head_lines(source: Path, target: Path, count: int) -> int:
+    """Copy the first ``count`` lines (the generator is seeded: a prefix is the same data)."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for number, line in enumerate(src):
+            if number >= count:
+                break
+            dst.write(line)
+    return target.stat().st_size
+
+
+def mb(size: float) -> float:
+    return size / 1e6
+
+
+def check(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, ...]] = []
+        self.verdicts: list[str] = []
+
+    def row(
+        self, step: str, impl: str, n: int, r: dict[str, Any], size: int | None, ratio: str
+    ) -> None:
+        rate = f"{mb(size) / r['seconds']:.1f}" if size else "-"
+        rss = f"{r['peak_rss_mb']:.1f}"
+        if r.get("helper_rss_mb"):
+            rss += f" ({r['own_rss_mb']:.0f}+{r['helper_rss_mb']:.0f})"
+        cpu, load = f"{r['cpu_seconds']:.2f}", f"{r['load']:.2f}"
+        self.rows.append((step, impl, f"{n:,}", f"{r['seconds']:.2f}", cpu, rate, rss, ratio, load))
+        print(
+            f"  {impl:<9} {r['seconds']:8.2f} s (cpu {cpu} s)  {rate:>7} MB/s  "
+            f"peak RSS {rss} MB  {ratio}  [load {load}]",
+            flush=True,
+        )
+
+    def verdict(self, text: str) -> None:
+        self.verdicts.append(text)
+        print(f"  target: {text}", flush=True)
+
+    def table(self) -> None:
+        head = (
+            "step",
+            "impl",
+            "N",
+            "wall s",
+            "cpu s",
+            "MB/s",
+            "peak RSS MB",
+            "vs baseline",
+            "load",
+        )
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *self.rows, strict=True)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        print("\n" + line.format(*head))
+        print(line.format(*("-" * w for w in widths)))
+        for row in self.rows:
+            print(line.format(*row))
+        print(
+            "\ncpu s: user+system of the step's process and its helper process; "
+            "load: 1-minute load average when the step started (2 CPUs)\n"
+        )
+        for text in self.verdicts:
+            print(f"target {text}")
+
+
+def bench_shard(
+    report: Report, work: Path, source: Path, n: int, small_n: int, repeat: int
+) -> list[dict]:
+    print(f"\n(a) validate + shard (max_file_bytes {MAX_FILE_BYTES:,})", flush=True)
+    small = work / f"requests-{small_n}.jsonl"
+    small_size = head_lines(source, small, small_n)
+    size = source.stat().st_size
+    print(f" N={small_n:,} ({mb(small_size):.1f} MB)", flush=True)
+    small_out = work / "shards-small"
+    ours_small = run_ours(
+        repeat,
+        "ours-shard",
+        lambda: shutil.rmtree(small_out),
+        source=str(small),
+        out_dir=str(small_out),
+    )
+    report.row("a shard", "ours", small_n, ours_small, small_size, "")
+    shutil.rmtree(work / "shards-small")
+    print(f" N={n:,} ({mb(size):.1f} MB)", flush=True)
+    base = run_step(
+        "baseline-shard",
+        source=str(source),
+        out_dir=str(work / "baseline-shards"),
+        max_file_bytes=MAX_FILE_BYTES,
+    )
+    report.row("a shard", "baseline", n, base, size, "1.00x")
+    shutil.rmtree(work / "baseline-shards")
+    out_dir = work / "shards"
+    ours = run_ours(
+        repeat,
+        "ours-shard",
+        lambda: shutil.rmtree(out_dir),
+        source=str(source),
+        out_dir=str(out_dir),
+    )
+    speedup = base["seconds"] / ours["seconds"]
+    report.row("a shard", "ours", n, ours, size, f"{speedup:.2f}x")
+    growth = ours["peak_rss_mb"] - ours_small["peak_rss_mb"]
+    print(
+        f"  peak RSS growth N={small_n:,} -> N={n:,}: {growth:+.1f} MB "
+        f"({ours_small['peak_rss_mb']:.1f} -> {ours['peak_rss_mb']:.1f})",
+        flush=True,
+    )
+    rate = mb(size) / ours["seconds"]
+    report.verdict(
+        f"shard {rate:.1f} MB/s >= {TARGETS['shard_mb_s']:.0f}: "
+        f"{check(rate >= TARGETS['shard_mb_s'])}"
+    )
+    report.verdict(
+        f"shard {speedup:.2f}x baseline >= {TARGETS['shard_speedup']:.0f}x: "
+        f"{check(speedup >= TARGETS['shard_speedup'])}"
+    )
+    report.verdict(
+        f"shard peak RSS {ours['peak_rss_mb']:.1f} MB <= {TARGETS['shard_rss_mb']:.0f}: "
+        f"{check(ours['peak_rss_mb'] <= TARGETS['shard_rss_mb'])}"
+    )
+    report.verdict(
+        f"shard RSS growth {small_n:,} -> {n:,} {growth:+.1f} MB < "
+        f"{TARGETS['shard_rss_growth_mb']:.0f}: {check(growth < TARGETS['shard_rss_growth_mb'])}"
+    )
+    return ours["shards"]
+
+
+def bench_join(
+    report: Report, work: Path, shards: list[dict], result_paths: list[Path], n: int, repeat: int
+) -> None:
+    size = sum(p.stat().st_size for p in result_paths)
+    print(f"\n(b) join N={n:,} results ({mb(size):.1f} MB)", flush=True)
+    shards_json = work / "shards.json"
+    shards_json.write_text(json.dumps(shards))
+    paths = [str(p) for p in result_paths]
+    base = run_step(
+        "baseline-join",
+        ids_paths=[s["ids_path"] for s in shards],
+        result_paths=paths,
+        output=str(work / "baseline-joined.jsonl"),
+    )
+    report.row("b join", "baseline", n, base, size, "1.00x")
+    (work / "baseline-joined.jsonl").unlink()
+    ours = run_ours(
+        repeat,
+        "ours-join",
+        shards_json=str(shards_json),
+        result_paths=paths,
+        output=str(work / "joined"),
+    )
+    speedup = base["seconds"] / ours["seconds"]
+    report.row("b join", "ours", n, ours, size, f"{speedup:.2f}x")
+    if ours["requests"] != n or ours["succeeded"] != base["succeeded"]:
+        raise SystemExit(f"join results disagree: ours {ours}, baseline {base}")
+    (work / "joined").unlink()
+    rate = mb(size) / ours["seconds"]
+    report.verdict(
+        f"join {rate:.1f} MB/s >= {TARGETS['join_mb_s']:.0f}: {check(rate >= TARGETS['join_mb_s'])}"
+    )
+    report.verdict(
+        f"join peak RSS {ours['peak_rss_mb']:.1f} MB <= {TARGETS['join_rss_mb']:.0f}: "
+        f"{check(ours['peak_rss_mb'] <= TARGETS['join_rss_mb'])}"
+    )
+
+
+def bench_e2e(report: Report, work: Path, source: Path, n: int, repeat: int) -> None:
+    small = work / f"e2e-{n}.jsonl"
+    size = head_lines(source, small, n)
+    print(f"\n(c) end to end, {n:,} requests ({mb(size):.1f} MB), emulator in-process", flush=True)
+    base = run_step("baseline-e2e", source=str(small))
+    report.row("c e2e", "baseline", n, base, size, "1.00x")
+    emu_base = base["emulator_validation_sum"] + base["emulator_processing_sum"]
+    print(
+        f"  emulator (baseline run): validation {base['emulator_validation_sum']:.2f} s + "
+        f"processing {base['emulator_processing_sum']:.2f} s = {emu_base:.2f} s",
+        flush=True,
+    )
+    ours = run_ours(repeat, "ours-e2e", source=str(small), output=str(work / "e2e-joined.jsonl"))
+    report.row("c e2e", "ours", n, ours, size, f"{base['seconds'] / ours['seconds']:.2f}x")
+    if ours["status"] != "completed" or ours["requests"] != n:
+        raise SystemExit(f"the flow did not complete: {ours}")
+    processing = ours["emulator_processing_sum"]
+    validation = ours["emulator_validation_sum"]
+    print(
+        f"  emulator (flow run, {ours['batches']} batch(es)): validation {validation:.2f} s "
+        f"(sum) + processing {processing:.2f} s (sum of processing_seconds; max "
+        f"{ours['emulator_processing_max']:.2f} s) = {validation + processing:.2f} s",
+        flush=True,
+    )
+    limit = TARGETS["e2e_factor"] * processing + TARGETS["e2e_slack_s"]
+    report.verdict(
+        f"e2e flow {ours['seconds']:.2f} s <= 1.5 x processing {processing:.2f} s + 10 = "
+        f"{limit:.2f} s: {check(ours['seconds'] <= limit)}"
+    )
+    overhead = ours["seconds"] - validation - processing
+    print(f"  flow time beyond the emulator's own: {overhead:.2f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="requests for (a) and (b)")
+    parser.add_argument("--e2e-n", type=int, default=100_000, help="requests for (c)")
+    parser.add_argument("--skip-e2e", action="store_true", help="skip (c)")
+    parser.add_argument("--workdir", help="where data goes (default: a temp dir, removed)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each of our steps this many times (fresh processes) and report the fastest",
+    )
+    args = parser.parse_args(argv)
+    if args.n < 10 or args.e2e_n < 1:
+        parser.error("--n must be at least 10 and --e2e-n at least 1")
+    small_n = min(100_000, args.n // 10)
+    gen_n = max(args.n, 0 if args.skip_e2e else args.e2e_n)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kluster-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(
+        f"benchmark: N={args.n:,}, e2e N={args.e2e_n:,}, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, workdir {work}",
+        flush=True,
+    )
+    report = Report()
+    try:
+        start = time.perf_counter()
+        source = work / "requests.jsonl"
+        out, err = work / "results.output.jsonl", work / "results.errors.jsonl"
+        generated = run_parallel(
+            [
+                ("gen-requests", {"path": str(source), "n": gen_n}),
+                ("gen-results", {"output_path": str(out), "error_path": str(err), "n": args.n}),
+            ]
+        )
+        print(
+            f"generated {gen_n:,} requests ({mb(generated[0]['bytes']):.1f} MB) and "
+            f"{args.n:,} results ({mb(generated[1]['bytes']):.1f} MB) in "
+            f"{time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
+        requests = source
+        if gen_n != args.n:
+            requests = work / f"requests-{args.n}.jsonl"
+            head_lines(source, requests, args.n)
+        repeat = max(1, args.repeat)
+        shards = bench_shard(report, work, requests, args.n, small_n, repeat)
+        bench_join(report, work, shards, [out, err], args.n, repeat)
+        if not args.skip_e2e:
+            bench_e2e(report, work, source, args.e2e_n, repeat)
+        report.table()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

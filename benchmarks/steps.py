@@ -1,0 +1,443 @@
+"""One measured benchmark step, run in a fresh process: ``python steps.py STEP JSON-ARGS``.
+
+Each step prints one JSON object on its last line of output: ``seconds`` (the step's wall
+time, imports and setup excluded), ``peak_rss_mb`` (this process's VmHWM, plus the largest
+VmHWM seen of any helper process it started), and step-specific figures. A fresh process
+per step keeps one step's memory out of another's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+for path in (str(ROOT), str(HERE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+GUIDE_URL = "/v1/chat/completions"
+GUIDE_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def _hwm_mb(pid: int | str = "self") -> float:
+    """VmHWM (peak resident set) of a process, in MB (10^6 bytes); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                    found.extend(int(x) for x in handle.read().split())
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return found
+
+
+class HelperWatch:
+    """Polls this process's children and keeps the largest VmHWM seen.
+
+    VmHWM is per address space, so a helper started by fork+exec reports its own peak,
+    not the parent's (ru_maxrss of children would include the parent's pages at fork).
+    """
+
+    def __init__(self, interval: float = 0.02, marker: bytes = b"tasks._lines"):
+        self.interval = interval
+        self.marker = marker  # in the helpers' command line; not in a Prefect server's
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HelperWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            for child in _children(me):
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as handle:
+                        if self.marker not in handle.read():
+                            continue
+                except OSError:
+                    continue
+                self.peak_mb = max(self.peak_mb, _hwm_mb(child))
+            self._stop.wait(self.interval)
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class Clock:
+    """Wall and CPU time of a step (CPU: this process and its helper, once it has ended)."""
+
+    def __init__(self) -> None:
+        self.cpu_seconds = 0.0
+        self._cpu = _cpu()
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        seconds = time.perf_counter() - self._start
+        self.cpu_seconds = _cpu() - self._cpu
+        return seconds
+
+
+def _result(
+    seconds: float, clock: Clock, watch: HelperWatch | None = None, **extra: Any
+) -> dict[str, Any]:
+    own = _hwm_mb()
+    helpers = watch.peak_mb if watch is not None else 0.0
+    return {
+        "seconds": seconds,
+        "cpu_seconds": clock.cpu_seconds,
+        "peak_rss_mb": own + helpers,
+        "own_rss_mb": own,
+        "helper_rss_mb": helpers,
+        **extra,
+    }
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def gen_requests(path: str, n: int) -> dict[str, Any]:
+    from data import write_requests
+
+    return {"bytes": write_requests(Path(path), n)}
+
+
+def gen_results(output_path: str, error_path: str, n: int) -> dict[str, Any]:
+    from data import write_results
+
+    out, err = write_results(n, Path(output_path), Path(error_path))
+    return {"bytes": out + err}
+
+
+# --- (a) validate + shard ---------------------------------------------------------------
+
+
+def ours_shard(source: str, out_dir: str) -> dict[str, Any]:
+    from tasks.build import shard_request_file
+
+    with HelperWatch() as watch:
+        start = Clock()
+        shards = shard_request_file(source, out_dir)
+        seconds = start.stop()
+    return _result(seconds, start, watch, shards=[s.model_dump() for s in shards])
+
+
+def _guide_problem(request: Any) -> str | None:
+    """The fields a careful guide-style script checks, in plain Python."""
+    if not isinstance(request, dict):
+        return "not an object"
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "custom_id"
+    if request.get("method") != "POST":
+        return "method"
+    if request.get("url") != GUIDE_URL:
+        return "url"
+    body = request.get("body")
+    if not isinstance(body, dict):
+        return "body"
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return "model"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in GUIDE_ROLES:
+            return "message role"
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            return "message content"
+        for part in content:
+            if not isinstance(part, dict):
+                return "content part"
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind == "image_url" and isinstance(part.get("image_url"), dict):
+                url = part["image_url"].get("url")
+                if isinstance(url, str) and url:
+                    continue
+            return "content part"
+    return None
+
+
+def baseline_shard(source: str, out_dir: str, max_file_bytes: int) -> dict[str, Any]:
+    """The guide's way: a list of dicts, checks in Python, json.dumps into capped files."""
+    start = Clock()
+    with open(source, encoding="utf-8") as handle:
+        requests = [json.loads(line) for line in handle]
+    seen: set[str] = set()
+    for number, request in enumerate(requests, start=1):
+        problem = _guide_problem(request)
+        if problem is None and request["custom_id"] in seen:
+            problem = "duplicate custom_id"
+        if problem is not None:
+            raise ValueError(f"line {number}: {problem}")
+        seen.add(request["custom_id"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = 0
+    size = 0
+    handle = None
+    for request in requests:
+        line = (json.dumps(request) + "\n").encode("utf-8")
+        if handle is None or size + len(line) > max_file_bytes:
+            if handle is not None:
+                handle.close()
+            handle = open(out / f"batch-{files:05d}.jsonl", "wb")  # noqa: SIM115
+            files += 1
+            size = 0
+        handle.write(line)
+        size += len(line)
+    if handle is not None:
+        handle.close()
+    seconds = start.stop()
+    return _result(seconds, start, files=files)
+
+
+# --- (b) join ---------------------------------------------------------------------------
+
+
+def ours_join(shards_json: str, result_paths: list[str], output: str) -> dict[str, Any]:
+    from tasks.join import join_result_files
+    from tasks.types import Shard
+
+    shards = [Shard.model_validate(s) for s in json.loads(Path(shards_json).read_text())]
+    with HelperWatch() as watch:
+        start = Clock()
+        summary = join_result_files(shards, result_paths, output, overwrite=True)
+        seconds = start.stop()
+    return _result(
+        seconds,
+        start,
+        watch,
+        requests=summary.requests,
+        succeeded=summary.succeeded,
+        failed=summary.failed,
+    )
+
+
+def _guide_joined(custom_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
+    if result is None:
+        return {
+            "custom_id": custom_id,
+            "status": "error",
+            "content": None,
+            "finish_reason": None,
+            "usage": None,
+            "model": None,
+            "error": {"message": "no result", "code": "not_processed"},
+        }
+    response = result.get("response") or {}
+    body = response.get("body") or {}
+    status_code = response.get("status_code")
+    if result.get("error") is None and not body.get("error") and status_code == 200:
+        choice = (body.get("choices") or [{}])[0]
+        return {
+            "custom_id": custom_id,
+            "status": "ok",
+            "content": (choice.get("message") or {}).get("content"),
+            "finish_reason": choice.get("finish_reason"),
+            "usage": body.get("usage"),
+            "model": body.get("model"),
+            "error": None,
+        }
+    error = result.get("error") or {}
+    return {
+        "custom_id": custom_id,
+        "status": "error",
+        "content": None,
+        "finish_reason": None,
+        "usage": None,
+        "model": body.get("model"),
+        "error": {
+            "message": error.get("message"),
+            "code": error.get("code"),
+            "status_code": status_code,
+        },
+    }
+
+
+def baseline_join(ids_paths: list[str], result_paths: list[str], output: str) -> dict[str, Any]:
+    """The guide's way: whole files in memory, a dict by custom_id, json.dumps per line."""
+    start = Clock()
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in result_paths:
+        with open(path, "rb") as handle:
+            content = handle.read()  # as `client.files.content(id).content` would give it
+        for line in content.decode("utf-8").splitlines():
+            if line.strip():
+                result = json.loads(line)
+                by_id[result["custom_id"]] = result
+    requests = ok = 0
+    with open(output, "w", encoding="utf-8") as out:
+        for ids_path in ids_paths:
+            with open(ids_path, encoding="utf-8") as handle:
+                for line in handle:
+                    custom_id = json.loads(line)
+                    joined = _guide_joined(custom_id, by_id.get(custom_id))
+                    out.write(json.dumps(joined) + "\n")
+                    requests += 1
+                    ok += joined["status"] == "ok"
+    seconds = start.stop()
+    return _result(seconds, start, requests=requests, succeeded=ok)
+
+
+# --- (c) end to end ---------------------------------------------------------------------
+
+
+def _timed_emulator_validation() -> list[float]:
+    """Time the emulator's validation stage (it has no counter for it) from in-process."""
+    from emulator import worker
+
+    spent: list[float] = []
+    original = worker._Run._validate
+
+    def timed(self: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return original(self)
+        finally:
+            spent.append(time.perf_counter() - began)
+
+    worker._Run._validate = timed  # type: ignore[method-assign]
+    return spent
+
+
+def _emulator_figures(emu: Any, validation: list[float]) -> dict[str, Any]:
+    batches = emu.stats()["batches"]
+    processing = [b["processing_seconds"] or 0.0 for b in batches]
+    return {
+        "batches": len(batches),
+        "emulator_processing_sum": sum(processing),
+        "emulator_processing_max": max(processing, default=0.0),
+        "emulator_validation_sum": sum(validation),
+        "statuses": sorted({b["status"] for b in batches}),
+    }
+
+
+def ours_e2e(source: str, output: str) -> dict[str, Any]:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from emulator import EmulatorConfig, run_emulator
+    from flows.batch_inference import batch_inference
+
+    @flow
+    def warm_up() -> int:
+        return 1
+
+    validation = _timed_emulator_validation()
+    with prefect_test_harness(server_startup_timeout=120), run_emulator(EmulatorConfig()) as emu:
+        os.environ["KLUSTER_API_KEY"] = "emulator-key"
+        os.environ["KLUSTER_BASE_URL"] = emu.base_url
+        warm_up()  # the temporary Prefect server and the flow machinery, before timing
+        with HelperWatch() as watch:
+            start = Clock()
+            result = batch_inference(
+                input_path=source, output_path=output, poll_interval=0.2, overwrite=True
+            )
+            seconds = start.stop()
+        figures = _emulator_figures(emu, validation)
+    return _result(
+        seconds,
+        start,
+        watch,
+        status=result.status,
+        requests=result.summary.requests,
+        succeeded=result.summary.succeeded,
+        **figures,
+    )
+
+
+def baseline_e2e(source: str) -> dict[str, Any]:
+    """The guide's script shape through the openai SDK: upload, create, poll, `.content`."""
+    from openai import OpenAI
+
+    from emulator import EmulatorConfig, run_emulator
+
+    validation = _timed_emulator_validation()
+    with run_emulator(EmulatorConfig()) as emu:
+        client = OpenAI(base_url=emu.base_url, api_key="emulator-key")
+        start = Clock()
+        with open(source, "rb") as handle:
+            batch_input_file = client.files.create(file=handle, purpose="batch")
+        batch_request = client.batches.create(
+            input_file_id=batch_input_file.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        while True:
+            batch_status = client.batches.retrieve(batch_request.id)
+            if batch_status.status.lower() in ["completed", "failed", "cancelled"]:
+                break
+            time.sleep(0.2)
+        results = client.files.content(batch_status.output_file_id).content
+        seconds = start.stop()
+        figures = _emulator_figures(emu, validation)
+    return _result(seconds, start, status=batch_status.status, result_bytes=len(results), **figures)
+
+
+STEPS = {
+    "gen-requests": gen_requests,
+    "gen-results": gen_results,
+    "ours-shard": ours_shard,
+    "baseline-shard": baseline_shard,
+    "ours-join": ours_join,
+    "baseline-join": baseline_join,
+    "ours-e2e": ours_e2e,
+    "baseline-e2e": baseline_e2e,
+}
+
+
+def main() -> None:
+    step, args = sys.argv[1], json.loads(sys.argv[2])
+    result = STEPS[step](**args)
+    sys.stdout.flush()
+    print("\n" + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

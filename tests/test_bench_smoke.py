@@ -1,0 +1,169 @@
+"""The benchmark runs end to end at a tiny size, and the helper-process paths it relies on
+for speed give exactly what the single-process paths give.
+
+Correctness only: no wall-time assertions (timings on shared machines are noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tasks._lines as lines_module
+from tasks.build import RequestFileError, shard_request_file
+from tasks.join import join_result_files
+from tests.helpers import request, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prints_every_figure(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench.py"),
+            "--n",
+            "2000",
+            "--e2e-n",
+            "500",
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    for figure in (
+        "(a) validate + shard",
+        "(b) join N=2,000 results",
+        "(c) end to end, 500 requests",
+        "peak RSS growth N=200 -> N=2,000",
+        "emulator (flow run, 1 batch(es)): validation",
+        "flow time beyond the emulator's own",
+    ):
+        assert figure in out
+    table = out[out.index("step     impl") :]
+    for step, impl in [
+        ("a shard", "ours"),
+        ("a shard", "baseline"),
+        ("b join", "ours"),
+        ("b join", "baseline"),
+        ("c e2e", "ours"),
+        ("c e2e", "baseline"),
+    ]:
+        assert any(line.startswith(step) and impl in line for line in table.splitlines())
+    for target in ("shard", "join", "e2e flow"):
+        assert f"target {target}" in out
+    assert out.count("MB/s") >= 7 and "peak RSS" in out
+
+
+@pytest.fixture
+def always_helper(monkeypatch):
+    """Use the helper process even for tiny inputs, in tiny blocks."""
+    monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 0)
+    monkeypatch.setattr(lines_module, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(lines_module, "REQUEST_BLOCK_BYTES", 256)
+
+
+HELPER_MODES = ["works", "dies at start", "fails every block"]
+
+
+def _break_helper(monkeypatch, mode: str) -> None:
+    if mode == "dies at start":
+        monkeypatch.setattr(lines_module, "_BOOT", "raise SystemExit(3)")
+    elif mode == "fails every block":
+        broken = "import tasks._lines as m; m.JoinedBlock = m.check_requests = None; serve("
+        monkeypatch.setattr(lines_module, "_BOOT", lines_module._BOOT.replace("serve(", broken))
+
+
+def _ids(n: int) -> list[str]:
+    return [random.Random(i).choice([f"r{i}", f"é-{i}", f'q"{i}']) for i in range(n)]
+
+
+def _shards(path: Path, out: Path, **kw):
+    shards = shard_request_file(path, out, **kw)
+    return [(s.lines, s.bytes, s.first_line, s.sha256) for s in shards], shards
+
+
+@pytest.mark.parametrize("mode", HELPER_MODES)
+def test_helper_gives_the_same_shards(tmp_path, monkeypatch, always_helper, mode):
+    _break_helper(monkeypatch, mode)
+    src = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in _ids(300)])
+    helped, _ = _shards(src, tmp_path / "a", max_requests_per_file=70)
+    monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 1 << 40)
+    alone, _ = _shards(src, tmp_path / "b", max_requests_per_file=70)
+    assert helped == alone and sum(x[0] for x in helped) == 300
+
+
+def test_helper_blocks_with_problems_name_the_same_lines(tmp_path, always_helper):
+    rows: list[dict | str] = [request(i) for i in _ids(200)]
+    rows[150] = "not json"
+    rows[170] = request(_ids(200)[3])  # a duplicate: not reported beside other problems
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(RequestFileError) as err:
+        shard_request_file(src, tmp_path / "out")
+    assert [p.line for p in err.value.problems] == [151]
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("mode", HELPER_MODES)
+def test_helper_gives_the_same_join(tmp_path, monkeypatch, always_helper, mode):
+    _break_helper(monkeypatch, mode)
+    ids = _ids(400)
+    src = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in ids])
+    shards = shard_request_file(src, tmp_path / "shards", max_requests_per_file=150)
+    rng = random.Random(7)
+    order = ids[:]
+    rng.shuffle(order)
+    results = []
+    for n, custom_id in enumerate(order[:-5]):
+        ok = n % 9 != 0
+        body = (
+            {
+                "model": "m",
+                "choices": [{"message": {"content": f"a{n}"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
+            }
+            if ok
+            else {"error": {"message": "boom"}}
+        )
+        status = 200 if ok else rng.choice([400, 429, 500])
+        results.append({"custom_id": custom_id, "response": {"status_code": status, "body": body}})
+    out_file = write_jsonl(tmp_path / "out.jsonl", results)
+    retried = [  # a later round: these win
+        {"custom_id": r["custom_id"], "response": {"status_code": 200, "body": {"choices": []}}}
+        for r in results[:40]
+    ]
+    retry_file = write_jsonl(tmp_path / "retry.jsonl", retried)
+
+    def join(name: str):
+        summary = join_result_files(
+            shards,
+            [str(out_file), str(retry_file)],
+            tmp_path / f"{name}.jsonl",
+            retry_ids_path=tmp_path / f"{name}.retry",
+        )
+        return (
+            summary.model_dump(exclude={"output_path"}),
+            (tmp_path / f"{name}.jsonl").read_bytes(),
+            (tmp_path / f"{name}.retry").read_bytes(),
+        )
+
+    helped = join("helped")
+    monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 1 << 40)
+    alone = join("alone")
+    assert helped == alone
+    rows = [json.loads(line) for line in helped[1].splitlines()]
+    assert [r["custom_id"] for r in rows] == ids
+    assert helped[0]["requests"] == 400
