@@ -21,6 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from deployments.serve import build_deployments
 from tests.conftest import TEST_API_KEY
 from tests.helpers import read_jsonl, requests, write_jsonl
 from tests.server import (
@@ -85,10 +86,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         stack.callback(drain_events)  # runs first at teardown, while the server is up
 
+        expected = {d.name for d in build_deployments()}
+
         def deployed() -> bool:
+            # serve.py creates them one by one: wait for all, or pausing one below can 404.
             with get_client(sync_client=True) as client:
                 names = {d.name for d in client.read_deployments()}
-            return DEPLOYMENT in names and "kluster-list-models" in names
+            return expected <= names
 
         wait_for(deployed, 90, "serve.py to create its deployments", 0.5, serve)
         pause_deployment("kluster-batch-inference/kluster-batch-nightly")  # no 02:00 surprise
