@@ -14,15 +14,10 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from emulator.config import DEFAULT_MODELS
+
 SEED = 20240611
-MODELS = (
-    "deepseek-ai/DeepSeek-R1",
-    "deepseek-ai/DeepSeek-V3",
-    "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo",
-    "klusterai/Meta-Llama-3.1-405B-Instruct-Turbo",
-    "klusterai/Meta-Llama-3.3-70B-Instruct-Turbo",
-    "Qwen/Qwen2.5-VL-7B-Instruct",
-)
+MODELS = DEFAULT_MODELS  # the emulator serves these, so every line is valid there
 SYSTEMS = (
     "You are an experienced cook.",
     "You are a maths tutor.",

@@ -43,7 +43,7 @@ from tasks.submit import (
 )
 from tasks.types import DEFAULT_MAX_FILE_BYTES, BatchInfo, RequestCounts, Shard, TokenUsage
 from tasks.upload import clean_up_uploads, upload_shard
-from tasks.wait import BatchWaitTimeout, wait_for_batch
+from tasks.wait import BatchWaitTimeout, poll_pauses, wait_for_batch
 
 
 class BatchRunError(RuntimeError):
@@ -93,6 +93,7 @@ class _Run:
     completion_window: str
     metadata: dict[str, str]
     poll_interval: float
+    max_poll_interval: float | None
     deadline: float | None
     max_concurrency: int
     nonce: str | None
@@ -114,7 +115,9 @@ def _start_shard(
     uploaded = upload_shard.submit(creds, shard, identity, journal, existing)
     submitted = submit_shard.submit(creds, uploaded, journal, run.completion_window, run.metadata)
     cleaned = clean_up_uploads.submit(creds, shard, submitted, journal, identity_key(identity))
-    finished = wait_for_batch.submit(creds, submitted, run.poll_interval, run.remaining())
+    finished = wait_for_batch.submit(
+        creds, submitted, run.poll_interval, run.remaining(), run.max_poll_interval
+    )
     results_dir = str(run.work / f"round-{round_no}" / "results")
     downloaded = download_batch_results.submit(creds, finished, results_dir)
     return finished, downloaded, cleaned
@@ -251,6 +254,7 @@ def batch_inference(
     max_concurrency: int = 4,
     max_attempts: int = 3,
     poll_interval: float = 10.0,
+    max_poll_interval: float | None = None,
     timeout: float | None = None,
     check_models: bool = False,
     overwrite: bool = False,
@@ -288,7 +292,9 @@ def batch_inference(
         max_concurrency: How many shards run at once.
         max_attempts: Rounds for lines that failed for a transient reason (429, 5xx,
             timeout) or never ran (expired, cancelled); 1 means no retry round.
-        poll_interval: Seconds between status checks.
+        poll_interval: Seconds between status checks while a batch is moving.
+        max_poll_interval: Longest pause between status checks while a batch shows no
+            change, e.g. queued for hours (default: six times `poll_interval`).
         timeout: Seconds the whole run may wait for its batches; when it runs out, the
             batches still running are cancelled and the run fails (None: no limit).
         check_models: Refuse lines whose model is not in the service's model list.
@@ -309,6 +315,7 @@ def batch_inference(
             raise OutputExistsError(f"{existing} already exists; pass overwrite=True to replace it")
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    poll_pauses(poll_interval, max_poll_interval)  # refuses non-positive intervals now
     given = [x is not None for x in (input_path, requests, prompts, prompts_path)]
     if sum(given) != 1:
         raise ValueError("give exactly one of input_path, requests, prompts or prompts_path")
@@ -322,6 +329,7 @@ def batch_inference(
         completion_window=completion_window,
         metadata=dict(metadata or {}),
         poll_interval=poll_interval,
+        max_poll_interval=max_poll_interval,
         deadline=None if timeout is None else time.monotonic() + timeout,
         max_concurrency=max_concurrency,
         nonce=run_label or (str(ctx.flow_run.id) if resubmit and ctx and ctx.flow_run else None),
@@ -376,6 +384,7 @@ def batch_inference(
                         max_concurrency=max_concurrency,
                         max_attempts=max_attempts,
                         poll_interval=poll_interval,
+                        max_poll_interval=max_poll_interval,
                         check_models=check_models,
                         overwrite=overwrite,
                         parquet=parquet,
@@ -505,7 +514,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resubmit", action="store_true", help="new batches even if the service has them"
     )
-    parser.add_argument("--poll-interval", type=float, default=10.0)
+    parser.add_argument(
+        "--poll-interval", type=float, default=10.0, help="seconds between status checks"
+    )
+    parser.add_argument(
+        "--max-poll-interval",
+        type=float,
+        help="longest pause while a batch shows no change (default: 6 x --poll-interval)",
+    )
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--check-models", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
@@ -560,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_attempts=args.max_attempts,
                 resubmit=args.resubmit,
                 poll_interval=args.poll_interval,
+                max_poll_interval=args.max_poll_interval,
                 timeout=args.timeout,
                 check_models=args.check_models,
                 overwrite=args.overwrite,
@@ -580,4 +597,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module (flows/__init__ imported it first), so the flow,
+    # its hooks and its error types are the ones every other module uses.
+    from flows.batch_inference import main as package_main
+
+    sys.exit(package_main())

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -230,6 +230,17 @@ def emulator_process(
             proc,
         )
         yield url, proc
+
+
+def server_and_emulator(
+    stack: ExitStack, base_dir: Path, api_key: str, **env: str
+) -> tuple[PrefectServer, str, dict[str, str]]:
+    """A Prefect server and an emulator that checks ``api_key``, both stopped by ``stack``;
+    returns them with the environment for a worker or serve process that uses both."""
+    server = stack.enter_context(prefect_server(base_dir))
+    emulator_url, _ = stack.enter_context(emulator_process(server.log_dir, "--api-key", api_key))
+    client_env = server.client_env(KLUSTER_API_KEY=api_key, KLUSTER_BASE_URL=emulator_url, **env)
+    return server, emulator_url, client_env
 
 
 def run_cli(

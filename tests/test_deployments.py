@@ -33,12 +33,11 @@ from tests.server import (
     ROOT,
     PrefectServer,
     drain_events,
-    emulator_process,
     pause_deployment,
-    prefect_server,
     process,
     read_events,
     run_cli,
+    server_and_emulator,
     wait_for,
 )
 
@@ -61,13 +60,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Server, emulator, deployments from prefect.yaml and a worker; started once."""
     base = tmp_path_factory.mktemp("deployments-e2e")
     with ExitStack() as stack:
-        server = stack.enter_context(prefect_server(base))
-        emulator_url, _ = stack.enter_context(
-            emulator_process(server.log_dir, "--api-key", TEST_API_KEY)
-        )
-        env = server.client_env(
-            KLUSTER_API_KEY=TEST_API_KEY,
-            KLUSTER_BASE_URL=emulator_url,
+        server, emulator_url, env = server_and_emulator(
+            stack,
+            base,
+            TEST_API_KEY,
             PREFECT_WORKER_QUERY_SECONDS="1",
             PREFECT_WORKER_PREFETCH_SECONDS="5",
         )

@@ -92,6 +92,44 @@ def test_wait_timeout_names_the_batch(credentials, emulator, tmp_path):
         run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=0.5)
 
 
+RETRIEVE = "GET /v1/batches/{id}"
+
+
+def _status_calls_while_waiting(credentials, emulator, tmp_path, max_poll_interval):
+    path = write_jsonl(tmp_path / f"r-{max_poll_interval}.jsonl", requests(3))
+    batch = run_task(submit_batch, credentials, run_task(upload_file, credentials, str(path)))
+    before = emulator.stats()["requests"].get(RETRIEVE, 0)
+    final = run_task(
+        wait_for_batch,
+        credentials,
+        batch.id,
+        poll_interval=0.05,
+        timeout=30,
+        max_poll_interval=max_poll_interval,
+    )
+    assert final.status == "completed" and final.request_counts.completed == 3
+    return emulator.stats()["requests"][RETRIEVE] - before
+
+
+def test_polling_backs_off_while_nothing_changes(credentials, emulator, tmp_path):
+    # 1 s in "validating" and 1 s in "finalizing" with no change. Polling every 0.05 s
+    # makes dozens of status calls; backing off by half each time up to 0.5 s, each quiet
+    # second takes about six.
+    emulator.configure(stage_delay=1.0)
+    fixed = _status_calls_while_waiting(credentials, emulator, tmp_path, 0.05)
+    adaptive = _status_calls_while_waiting(credentials, emulator, tmp_path, 0.5)
+    print(f"\nstatus calls over two quiet seconds: fixed {fixed}, adaptive {adaptive}")
+    assert 4 <= adaptive <= 20, adaptive
+    assert adaptive * 1.5 < fixed, (adaptive, fixed)
+
+
+def test_poll_intervals_must_be_positive(credentials):
+    with pytest.raises(ValueError, match="must be positive"):
+        run_task(wait_for_batch, credentials, "batch_x", poll_interval=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        run_task(wait_for_batch, credentials, "batch_x", poll_interval=1, max_poll_interval=-1)
+
+
 def test_failed_batch_is_a_final_status_not_an_error(credentials, tmp_path):
     # An input the emulator refuses at validation (duplicate ids): upload_file does not
     # validate lines, so this reaches the service and the batch fails there.

@@ -28,10 +28,9 @@ from tests.server import (
     ROOT,
     PrefectServer,
     drain_events,
-    emulator_process,
     pause_deployment,
-    prefect_server,
     process,
+    server_and_emulator,
     tail,
     wait_for,
 )
@@ -69,14 +68,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Server + emulator + deployments/serve.py, each a process; started once."""
     base = tmp_path_factory.mktemp("ui-e2e")
     with ExitStack() as stack:
-        server = stack.enter_context(prefect_server(base))
-        emulator_url, _ = stack.enter_context(
-            emulator_process(server.log_dir, "--api-key", TEST_API_KEY)
-        )
-        env = server.client_env(
-            KLUSTER_API_KEY=TEST_API_KEY,
-            KLUSTER_BASE_URL=emulator_url,
-            PREFECT_RUNNER_POLL_FREQUENCY="1",
+        server, _, env = server_and_emulator(
+            stack, base, TEST_API_KEY, PREFECT_RUNNER_POLL_FREQUENCY="1"
         )
         serve = stack.enter_context(
             process(
