@@ -12,7 +12,13 @@ from tasks.build import (
     write_request_lines,
 )
 from tasks.download import download_batch_results, download_file
-from tasks.join import JoinSummary, OutputExistsError, join_result_files, join_results
+from tasks.join import (
+    JoinSummary,
+    OutputExistsError,
+    ResultFileError,
+    join_result_files,
+    join_results,
+)
 from tasks.manage import cancel_batch, list_batches, list_models
 from tasks.retry import is_transient_error
 from tasks.rounds import build_retry_shards, join_round
@@ -37,6 +43,7 @@ __all__ = [
     "OutputExistsError",
     "RequestCounts",
     "RequestFileError",
+    "ResultFileError",
     "Shard",
     "ShardUpload",
     "TokenUsage",

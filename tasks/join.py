@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,7 @@ __all__ = [
     "TRANSIENT_CODES",
     "JoinSummary",
     "OutputExistsError",
+    "ResultFileError",
     "ShardSummary",
     "is_transient_failure",
     "join_result_files",
@@ -67,6 +69,15 @@ __all__ = [
 
 class OutputExistsError(FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class ResultFileError(ValueError):
+    """A line of a downloaded output or error file cannot be read; names the file and line."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path, self.line, self.reason = path, line, reason
+        where = f"{path}, line {line}" if line is not None else path
+        super().__init__(f"{where}: {reason}")
 
 
 class ShardSummary(BaseModel):
@@ -130,6 +141,8 @@ class _ResultIndex:
         self._files: list[BinaryIO] = []
         self._hashes, self._starts, self._lengths = array("q"), array("q"), array("q")
         self._kinds, self._tokens = bytearray(), array("q")
+        # (first entry, file number) for each file that has entries, in file order.
+        self._file_runs: list[tuple[int, int]] = []
         try:
             self._files.append(open(self._scratch_paths[0], "w+b"))  # noqa: SIM115
             self._scratch_end = 0
@@ -165,7 +178,7 @@ class _ResultIndex:
 
     def _index_all(self) -> None:
         helper = Helper.start(self.paths, scratch=str(self._scratch_paths[1]))
-        pending: deque[JoinedBlock | _Pending] = deque()
+        pending: deque[tuple[int, JoinedBlock | _Pending]] = deque()
         try:
             for file_no, path in enumerate(self.paths):
                 with open(path, "rb") as handle:
@@ -176,9 +189,9 @@ class _ResultIndex:
                             and helper.can_take()
                             and helper.send(file_no, offset, len(data))
                         ):
-                            pending.append(_Pending(file_no, offset, len(data)))
+                            pending.append((file_no, _Pending(file_no, offset, len(data))))
                         else:
-                            pending.append(self._join_here(data))
+                            pending.append((file_no, self._join_here(data, file_no, offset)))
                         # Waiting blocks hold no lines, so many may queue behind a slow
                         # answer while this process goes on joining the next blocks.
                         self._take(pending, helper, wait=len(pending) > _MAX_PENDING)
@@ -187,20 +200,45 @@ class _ResultIndex:
             if helper is not None:
                 helper.close()
 
-    def _join_here(self, data: bytes) -> JoinedBlock:
-        block = JoinedBlock(split_lines(data))
+    def _join_here(self, data: bytes, file_no: int, offset: int) -> JoinedBlock:
+        try:
+            block = JoinedBlock(split_lines(data))
+        except msgspec.MsgspecError as exc:  # a line with no readable custom_id
+            raise self._unreadable_line(data, file_no, offset, exc) from None
         block.start = self._scratch_end
         self._scratch_end += len(block.data)
         self._writer.write(block.data)
         block.data = b""
         return block
 
+    def _unreadable_line(
+        self, data: bytes, file_no: int, offset: int, exc: Exception
+    ) -> ResultFileError:
+        """The error for the first line of a block that has no readable custom_id."""
+        path = self.paths[file_no]
+        with open(path, "rb") as handle:
+            before = sum(chunk.count(b"\n") for _, chunk in _chunks(handle, offset))
+        for number, line in enumerate(split_lines(data), start=before + 1):
+            if not line.strip():
+                continue
+            try:
+                result_decoder.decode(line)
+            except msgspec.MsgspecError:
+                try:
+                    custom_id_decoder.decode(line)
+                except msgspec.MsgspecError as problem:
+                    return ResultFileError(path, number, f"not a result line: {problem}")
+        return ResultFileError(path, None, f"not a results file: {exc}")
+
     def _take(
-        self, pending: deque[JoinedBlock | _Pending], helper: Helper | None, wait: bool
+        self,
+        pending: deque[tuple[int, JoinedBlock | _Pending]],
+        helper: Helper | None,
+        wait: bool,
     ) -> None:
         """Add finished blocks to the index, in file order."""
         while pending:
-            item = pending[0]
+            file_no, item = pending[0]
             if isinstance(item, _Pending):
                 assert helper is not None
                 if not wait and not helper.ready():
@@ -215,7 +253,7 @@ class _ResultIndex:
                 if block is None:
                     with open(self.paths[item.file_no], "rb") as handle:
                         data = os.pread(handle.fileno(), item.size, item.offset)
-                    block = self._join_here(data)
+                    block = self._join_here(data, item.file_no, item.offset)
                     start = block.start
                 else:
                     start = _HELPER_SCRATCH + self._helper_end
@@ -226,6 +264,8 @@ class _ResultIndex:
             pending.popleft()
             if not block.lengths:
                 continue
+            if not self._file_runs or self._file_runs[-1][1] != file_no:
+                self._file_runs.append((len(self._hashes), file_no))
             self._hashes.extend(map(hash, block.ids))
             self._starts.extend(accumulate(block.lengths[:-1], initial=start))
             self._lengths.extend(block.lengths)
@@ -295,8 +335,21 @@ class _ResultIndex:
         return -1
 
     def result(self, entry: int) -> ResultLine:
-        """Decode an entry the first pass could not: raises the line's decode error."""
-        return result_decoder.decode(self._read(int(self.starts[entry]), int(self.lengths[entry])))
+        """Decode an entry the first pass could not: raises ``ResultFileError`` naming the
+        file and line it came from."""
+        line = self._read(int(self.starts[entry]), int(self.lengths[entry]))
+        try:
+            return result_decoder.decode(line)
+        except msgspec.MsgspecError as exc:
+            custom_id = custom_id_decoder.decode(line).custom_id
+            firsts = [first for first, _ in self._file_runs]
+            file_no = self._file_runs[bisect_right(firsts, entry) - 1][1]
+            path = self.paths[file_no]
+            raise ResultFileError(
+                path,
+                _last_line_of(path, custom_id),
+                f"the result for custom_id {custom_id!r} cannot be read: {exc}",
+            ) from None
 
 
 class _ParquetSink:
@@ -364,6 +417,30 @@ class _ParquetSink:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+def _chunks(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes]]:
+    """The first ``limit`` bytes of a file, a block at a time."""
+    offset = 0
+    while offset < limit:
+        chunk = handle.read(min(1 << 20, limit - offset))
+        if not chunk:
+            return
+        yield offset, chunk
+        offset += len(chunk)
+
+
+def _last_line_of(path: str, custom_id: str) -> int | None:
+    """The number of the last line of ``path`` whose custom_id is ``custom_id``."""
+    found = None
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                if custom_id_decoder.decode(line).custom_id == custom_id:
+                    found = number
+            except msgspec.MsgspecError:
+                continue
+    return found
 
 
 def parquet_available() -> bool:

@@ -18,6 +18,7 @@ from flows import (
     BatchRunError,
     batch_inference,
     cancel_batch_flow,
+    collect_batches,
     list_batches_flow,
     list_models_flow,
 )
@@ -343,3 +344,18 @@ def test_fsspec_url_input(tmp_path, kluster_env):
         poll_interval=0.05,
     )
     assert [r["custom_id"] for r in read_jsonl(result.output_path)] == ["req-0", "req-1", "req-2"]
+
+
+@pytest.mark.parametrize(
+    "ui_flow",
+    [batch_inference, list_models_flow, list_batches_flow, cancel_batch_flow, collect_batches],
+    ids=lambda f: f.name,
+)
+def test_every_parameter_is_typed_and_described_for_the_ui_form(ui_flow):
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(ui_flow.fn).model_dump()
+    for name, prop in schema["properties"].items():
+        assert prop.get("description", "").strip(), f"{ui_flow.name}.{name} has no description"
+        assert "type" in prop or "anyOf" in prop or "$ref" in prop, f"{ui_flow.name}.{name}"
+    assert "api_key" not in schema["properties"], "credentials are never parameters"

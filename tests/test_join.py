@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks.build import shard_request_file
-from tasks.join import OutputExistsError, join_result_files
+from tasks.join import OutputExistsError, ResultFileError, join_result_files
 from tests.helpers import read_jsonl, request, write_jsonl
 
 
@@ -103,6 +103,32 @@ def test_later_result_files_win(tmp_path):
         ("a", "ok", "hi"),
         ("b", "ok", "second try"),
     ]
+
+
+BAD_RESULT = {"custom_id": "b", "response": {"status_code": 200, "body": {"choices": "x"}}}
+
+
+@pytest.mark.parametrize(
+    ("bad", "line", "reason"),
+    [
+        (b"not json at all", 3, "not a result line: JSON is malformed"),
+        (b'{"id": "no custom_id here"}', 3, "not a result line: Object missing required field"),
+        (BAD_RESULT, 2, "the result for custom_id 'b' cannot be read: Expected `array`"),
+    ],
+    ids=["broken-json", "no-custom_id", "bad-result-shape"],
+)
+def test_unreadable_result_lines_name_the_file_and_line(tmp_path, bad, line, reason):
+    shards = make_shards(tmp_path, ["a", "b", "c"])
+    rows = [ok_line("a"), BAD_RESULT, bad, ok_line("c")] if line == 3 else [ok_line("a")]
+    if line == 2:
+        rows += [bad, ok_line("c")]
+    res = write_jsonl(tmp_path / "r.jsonl", rows)
+    target = tmp_path / "j.jsonl"
+    with pytest.raises(ResultFileError) as err:
+        join_result_files(shards, [str(write_jsonl(tmp_path / "ok.jsonl", [])), str(res)], target)
+    assert (err.value.path, err.value.line) == (str(res), line), str(err.value)
+    assert reason in str(err.value) and str(err.value).startswith(f"{res}, line {line}: ")
+    assert not target.exists() and not list(tmp_path.glob("j.jsonl*"))
 
 
 def test_existing_output_is_not_overwritten_unless_asked(tmp_path):

@@ -159,7 +159,6 @@ def test_cancellation_hook_cancels_running_batches(tmp_path, kluster_env):
     kluster_env.configure(lines_per_second=5)
     client = openai.OpenAI(api_key=TEST_API_KEY, base_url=kluster_env.base_url)
     path = write_jsonl(tmp_path / "r.jsonl", requests(50))
-    done_path = write_jsonl(tmp_path / "d.jsonl", requests(1, prefix="done-"))
     running = client.batches.create(
         input_file_id=client.files.create(file=open(path, "rb"), purpose="batch").id,
         endpoint="/v1/chat/completions",
@@ -170,7 +169,6 @@ def test_cancellation_hook_cancels_running_batches(tmp_path, kluster_env):
     flow_run = SimpleNamespace(parameters={"output_path": str(tmp_path / "out.jsonl")})
     cancel_remote_batches_hook(None, flow_run, None)
     assert client.batches.retrieve(running.id).status in ("cancelling", "cancelled")
-    del done_path
 
 
 # --- kill and rerun ---------------------------------------------------------------------
