@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks import KlusterCredentials, resolve_credentials
-from flows.pending import register_pending
+from flows.pending import check_pending_fits, register_pending
 from flows.reporting import create_batch_progress, publish_run_summary, update_batch_progress
 from tasks.build import build_request_file, validate_and_shard
 from tasks.download import download_batch_results
@@ -348,6 +348,28 @@ def batch_inference(
             prompt_column=prompt_column,
             template=template,
         )
+    # What a collector needs to finish the run: names and paths, no secret.
+    pending_params = dict(
+        input_path=source,
+        output_path=output_path,
+        credentials_block=credentials_block,
+        completion_window=completion_window,
+        metadata=metadata,
+        max_file_bytes=max_file_bytes,
+        max_requests_per_file=max_requests_per_file,
+        max_concurrency=max_concurrency,
+        max_attempts=max_attempts,
+        poll_interval=poll_interval,
+        max_poll_interval=max_poll_interval,
+        check_models=check_models,
+        overwrite=overwrite,
+        parquet=parquet,
+        run_label=run.nonce,
+        wait=False,
+        work_dir=str(work),
+    )
+    if not wait:
+        check_pending_fits(pending_params)
     allowed = [m.id for m in list_models(credentials)] if check_models else None
     shards = validate_and_shard(
         source, str(work / "shards"), max_file_bytes, max_requests_per_file, allowed
@@ -372,27 +394,7 @@ def batch_inference(
                 known = known + submitted
                 running = [b for b in submitted if not b.is_terminal]
                 if running:
-                    # What a collector needs to finish the run: names and paths, no secret.
-                    params = dict(
-                        input_path=source,
-                        output_path=output_path,
-                        credentials_block=credentials_block,
-                        completion_window=completion_window,
-                        metadata=metadata,
-                        max_file_bytes=max_file_bytes,
-                        max_requests_per_file=max_requests_per_file,
-                        max_concurrency=max_concurrency,
-                        max_attempts=max_attempts,
-                        poll_interval=poll_interval,
-                        max_poll_interval=max_poll_interval,
-                        check_models=check_models,
-                        overwrite=overwrite,
-                        parquet=parquet,
-                        run_label=run.nonce,
-                        wait=False,
-                        work_dir=str(work),
-                    )
-                    name = register_pending(params, [b.id for b in submitted])
+                    name = register_pending(pending_params, [b.id for b in submitted])
                     logger.info(
                         "Submitted %d batch(es) (round %d); not waiting. The "
                         "kluster-collect-batches flow finishes this run (pending as %s).",

@@ -5,18 +5,27 @@ have ended, through the same code path as a waiting run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.logging import get_run_logger
+from prefect.types import MAX_VARIABLE_VALUE_LENGTH
 from prefect.variables import Variable
 
 from blocks import resolve_credentials
+from tasks.journal import Journal
 from tasks.types import BatchInfo
 
 PENDING_PREFIX = "kluster_pending_"
+_PAGE = 200  # the server's default page size for variables
+
+
+class PendingRecordTooLarge(ValueError):
+    """The run's parameters do not fit in a Prefect Variable (raised before any upload)."""
 
 
 def pending_name(output_path: str, work_dir: str) -> str:
@@ -24,31 +33,78 @@ def pending_name(output_path: str, work_dir: str) -> str:
     return f"{PENDING_PREFIX}{digest}"
 
 
+def _fits(value: dict[str, Any]) -> bool:
+    return len(json.dumps(value)) < MAX_VARIABLE_VALUE_LENGTH
+
+
+def pending_record(parameters: dict[str, Any], batch_ids: list[str] | None) -> dict[str, Any]:
+    """What the Variable holds: the run's parameters (names and paths, never a key) and,
+    when they fit in a Variable (5,000 characters), its batch ids; otherwise the collector
+    reads them from the run's journal."""
+    given = {k: v for k, v in parameters.items() if v is not None}
+    record = {"parameters": given, "batch_ids": batch_ids, "registered_at": time.time()}
+    if batch_ids is not None and not _fits(record):
+        record.update(batch_ids=None, batch_count=len(batch_ids))
+    return record
+
+
+def check_pending_fits(parameters: dict[str, Any]) -> None:
+    """Refuse, before anything is paid for, a run whose pending record could not be saved."""
+    record = pending_record(parameters, None)
+    record["batch_count"] = 0
+    if not _fits(record):
+        raise PendingRecordTooLarge(
+            f"wait=False keeps the run's parameters in a Prefect Variable (under "
+            f"{MAX_VARIABLE_VALUE_LENGTH:,} characters) and these take "
+            f"{len(json.dumps(record)):,}: shorten metadata or paths, or wait=True"
+        )
+
+
 def register_pending(parameters: dict[str, Any], batch_ids: list[str]) -> str:
     """Record (or refresh) a pending run on the Prefect server; returns its variable name."""
     name = pending_name(parameters["output_path"], parameters["work_dir"])
-    given = {k: v for k, v in parameters.items() if v is not None}
-    Variable.set(
-        name,
-        {"parameters": given, "batch_ids": batch_ids, "registered_at": time.time()},
-        overwrite=True,
-    )
+    Variable.set(name, pending_record(parameters, batch_ids), overwrite=True)
     return name
 
 
 def list_pending() -> dict[str, dict[str, Any]]:
+    """Every pending run on the server, by variable name (all pages)."""
+    body: dict[str, Any] = {"variables": {"name": {"like_": f"{PENDING_PREFIX}%"}}}
+    found: dict[str, dict[str, Any]] = {}
     with get_client(sync_client=True) as client:
-        found = client.read_variables()
-    return {v.name: v.value for v in found if v.name.startswith(PENDING_PREFIX)}
+        offset = 0
+        while True:
+            page = client.request(
+                "POST", "/variables/filter", json={**body, "offset": offset, "limit": _PAGE}
+            ).json()
+            for variable in page:
+                if variable["name"].startswith(PENDING_PREFIX):
+                    found[variable["name"]] = variable["value"]
+            if len(page) < _PAGE:
+                return found
+            offset += len(page)
+
+
+def _batch_ids(record: dict[str, Any]) -> list[str]:
+    if record.get("batch_ids") is not None:
+        return list(record["batch_ids"])
+    work_dir = record["parameters"].get("work_dir")
+    return Journal(Path(work_dir) / "journal.jsonl").batch_ids() if work_dir else []
 
 
 def _batches_done(record: dict[str, Any]) -> tuple[bool, str]:
+    """Whether every batch of the run has ended; stops at the first one still running.
+
+    With no batch ids to hand (neither in the record nor in a journal on this machine),
+    the run is handed to the batch flow, which finds its batches on the service and, if
+    any still runs, records the run as pending again."""
     credentials = resolve_credentials(record["parameters"].get("credentials_block"))
     with credentials.get_client() as client:
-        batches = [BatchInfo.from_sdk(client.batches.retrieve(b)) for b in record["batch_ids"]]
-    running = [b for b in batches if not b.is_terminal]
-    progress = ", ".join(f"{b.id} {b.status} {b.progress}" for b in running)
-    return not running, progress
+        for batch_id in reversed(_batch_ids(record)):  # the newest round first
+            batch = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
+            if not batch.is_terminal:
+                return False, f"{batch.id} {batch.status} {batch.progress}"
+    return True, ""
 
 
 @flow(name="kluster-collect-batches")

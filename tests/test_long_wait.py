@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from prefect.variables import Variable
 
 from flows import batch_inference, collect_batches
-from flows.pending import list_pending
+from flows.pending import PENDING_PREFIX, PendingRecordTooLarge, list_pending
 from tests.helpers import read_jsonl, requests, write_jsonl
 
 
@@ -55,3 +56,56 @@ def test_submit_then_collect_gives_the_waiting_output(tmp_path, kluster_env):
     )
     assert (tmp_path / "waited.jsonl").read_bytes() == (tmp_path / "later.jsonl").read_bytes()
     assert set(pending.batch_ids) <= set(waited.batch_ids)
+
+
+def test_many_batches_are_collected_from_the_journal(tmp_path, kluster_env):
+    # 160 one-line shards: their batch ids do not fit in a Prefect Variable (5,000
+    # characters), so the record keeps the count and the collector reads the journal.
+    rows = requests(160)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "many.jsonl"
+    pending = batch_inference(
+        input_path=str(src),
+        output_path=str(out),
+        wait=False,
+        max_requests_per_file=1,
+        max_concurrency=16,
+        poll_interval=0.05,
+    )
+    assert pending.status == "pending" and len(pending.batch_ids) == 160
+    record = next(r for r in list_pending().values() if r["parameters"]["output_path"] == str(out))
+    assert record["batch_ids"] is None and record["batch_count"] == 160
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        outcomes = collect_batches()
+        if outcomes and set(outcomes.values()) == {"completed"}:
+            break
+        time.sleep(0.2)
+    assert list_pending() == {}
+    assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
+    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 160
+
+
+def test_parameters_too_large_for_a_variable_are_refused_before_upload(tmp_path, kluster_env):
+    src = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    with pytest.raises(PendingRecordTooLarge, match="shorten metadata or paths, or wait=True"):
+        batch_inference(
+            input_path=str(src),
+            output_path=str(tmp_path / "o.jsonl"),
+            wait=False,
+            metadata={"note": "x" * 6000},
+        )
+    assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
+    assert list_pending() == {}
+
+
+def test_pending_runs_are_listed_past_one_page():
+    names = [f"{PENDING_PREFIX}paging-{i:03d}" for i in range(205)]
+    try:
+        for name in names:
+            Variable.set(name, {"parameters": {}, "batch_ids": []}, overwrite=True)
+        Variable.set("kluster_other", {"x": 1}, overwrite=True)
+        assert set(list_pending()) == set(names)
+    finally:
+        for name in [*names, "kluster_other"]:
+            Variable.unset(name)
