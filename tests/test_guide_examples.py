@@ -1,7 +1,8 @@
 """kluster.ai's own end-to-end Python examples, run unchanged against the emulator.
 
 Only the base_url, the key prompt and the poll sleep are changed, as the issue allows.
-The guide is read from shared/reference (beside the repository) or KLUSTER_GUIDE_PATH.
+The guide is read from KLUSTER_GUIDE_PATH, shared/reference beside the checkout, or
+/work/shared/reference.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import pytest
 
 from tests.conftest import TEST_API_KEY
 
-GUIDE = Path(
-    os.environ.get(
-        "KLUSTER_GUIDE_PATH",
-        Path(__file__).resolve().parents[2] / "shared" / "reference" / "kluster-batch-guide.md",
-    )
-)
+_GUIDE_NAME = Path("shared") / "reference" / "kluster-batch-guide.md"
+# KLUSTER_GUIDE_PATH, else beside the checkout (../shared), else the workplace's copy.
+_CANDIDATES = [
+    *([Path(os.environ["KLUSTER_GUIDE_PATH"])] if os.environ.get("KLUSTER_GUIDE_PATH") else []),
+    Path(__file__).resolve().parents[2] / _GUIDE_NAME,
+    Path("/work") / _GUIDE_NAME,
+]
+GUIDE = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[0])
 
 
 def end_to_end_examples() -> list[tuple[str, str]]:
