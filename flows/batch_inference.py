@@ -125,19 +125,30 @@ def _start_shard(
 
 def submit_round(
     run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
-) -> list[BatchInfo]:
-    """Upload and submit every shard of a round (reusing what exists), without waiting."""
-    futures = []
+) -> tuple[list[BatchInfo], int]:
+    """Upload and submit a round's shards without waiting, reusing the batches that exist
+    and keeping at most ``max_concurrency`` running, as the waiting mode does. Returns the
+    round's batches so far and how many shards still wait for a free slot."""
+    found = {}
     for shard in shards:
         identity = shard_identity(shard, round_no, run.nonce)
-        existing = next((b for b in known if matches(b, identity) and reusable(b)), None)
-        uploaded = upload_shard.submit(run.credentials, shard, identity, run.journal_path, existing)
+        found[shard.index] = next((b for b in known if matches(b, identity) and reusable(b)), None)
+    batches = [b for b in found.values() if b is not None]
+    free = max(1, run.max_concurrency) - sum(not b.is_terminal for b in batches)
+    futures = []
+    for shard in shards:
+        if found[shard.index] is not None or free <= 0:
+            continue
+        free -= 1
+        identity = shard_identity(shard, round_no, run.nonce)
+        uploaded = upload_shard.submit(run.credentials, shard, identity, run.journal_path)
         futures.append(
             submit_shard.submit(
                 run.credentials, uploaded, run.journal_path, run.completion_window, run.metadata
             )
         )
-    return [future.result() for future in futures]
+    batches += [future.result() for future in futures]
+    return batches, len(shards) - len(batches)
 
 
 def run_shards(
@@ -289,7 +300,8 @@ def batch_inference(
         metadata: Key-value strings stored on each batch.
         max_file_bytes: Largest shard file (the service takes at most 100 MB).
         max_requests_per_file: Most lines per shard (the free tier takes under 1000).
-        max_concurrency: How many shards run at once.
+        max_concurrency: How many batches run at once, in both modes (a cap keeps a
+            rate-limited tier from expiring batches that wait in its queue).
         max_attempts: Rounds for lines that failed for a transient reason (429, 5xx,
             timeout) or never ran (expired, cancelled); 1 means no retry round.
         poll_interval: Seconds between status checks while a batch is moving.
@@ -390,15 +402,19 @@ def batch_inference(
     try:
         while True:
             if not wait:
-                submitted = submit_round(run, round_shards, round_no, known)
-                known = known + submitted
+                submitted, queued = submit_round(run, round_shards, round_no, known)
+                known = known + [b for b in submitted if b not in known]
                 running = [b for b in submitted if not b.is_terminal]
-                if running:
-                    name = register_pending(pending_params, [b.id for b in submitted])
+                if running or queued:
+                    name = register_pending(
+                        pending_params, [b.id for b in submitted], queued, round_no
+                    )
                     logger.info(
-                        "Submitted %d batch(es) (round %d); not waiting. The "
-                        "kluster-collect-batches flow finishes this run (pending as %s).",
+                        "%d batch(es) running, %d shard(s) waiting for a free slot (round "
+                        "%d); not waiting. The kluster-collect-batches flow goes on with this "
+                        "run (pending as %s).",
                         len(running),
+                        queued,
                         round_no,
                         name,
                     )

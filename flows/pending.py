@@ -37,12 +37,20 @@ def _fits(value: dict[str, Any]) -> bool:
     return len(json.dumps(value)) < MAX_VARIABLE_VALUE_LENGTH
 
 
-def pending_record(parameters: dict[str, Any], batch_ids: list[str] | None) -> dict[str, Any]:
-    """What the Variable holds: the run's parameters (names and paths, never a key) and,
-    when they fit in a Variable (5,000 characters), its batch ids; otherwise the collector
-    reads them from the run's journal."""
+def pending_record(
+    parameters: dict[str, Any], batch_ids: list[str] | None, queued: int = 0, round_no: int = 1
+) -> dict[str, Any]:
+    """What the Variable holds: the run's parameters (names and paths, never a key), how
+    many shards wait for a free slot and, when they fit in a Variable (5,000 characters),
+    its batch ids; otherwise the collector reads them from the run's journal."""
     given = {k: v for k, v in parameters.items() if v is not None}
-    record = {"parameters": given, "batch_ids": batch_ids, "registered_at": time.time()}
+    record = {
+        "parameters": given,
+        "batch_ids": batch_ids,
+        "queued": queued,
+        "round": round_no,
+        "registered_at": time.time(),
+    }
     if batch_ids is not None and not _fits(record):
         record.update(batch_ids=None, batch_count=len(batch_ids))
     return record
@@ -60,10 +68,13 @@ def check_pending_fits(parameters: dict[str, Any]) -> None:
         )
 
 
-def register_pending(parameters: dict[str, Any], batch_ids: list[str]) -> str:
+def register_pending(
+    parameters: dict[str, Any], batch_ids: list[str], queued: int = 0, round_no: int = 1
+) -> str:
     """Record (or refresh) a pending run on the Prefect server; returns its variable name."""
     name = pending_name(parameters["output_path"], parameters["work_dir"])
-    Variable.set(name, pending_record(parameters, batch_ids), overwrite=True)
+    record = pending_record(parameters, batch_ids, queued, round_no)
+    Variable.set(name, record, overwrite=True)
     return name
 
 
@@ -86,25 +97,37 @@ def list_pending() -> dict[str, dict[str, Any]]:
 
 
 def _batch_ids(record: dict[str, Any]) -> list[str]:
+    """The pending round's batch ids: from the record, or from the run's journal."""
     if record.get("batch_ids") is not None:
         return list(record["batch_ids"])
     work_dir = record["parameters"].get("work_dir")
-    return Journal(Path(work_dir) / "journal.jsonl").batch_ids() if work_dir else []
+    if not work_dir:
+        return []
+    journal = Journal(Path(work_dir) / "journal.jsonl")
+    return journal.batch_ids(round_no=record.get("round"))
 
 
-def _batches_done(record: dict[str, Any]) -> tuple[bool, str]:
-    """Whether every batch of the run has ended; stops at the first one still running.
+def _ready(record: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the run has work to do now: every batch has ended or, with shards waiting
+    for a slot, one has. Stops at the first batch that settles the question.
 
     With no batch ids to hand (neither in the record nor in a journal on this machine),
     the run is handed to the batch flow, which finds its batches on the service and, if
     any still runs, records the run as pending again."""
+    queued = int(record.get("queued") or 0)
     credentials = resolve_credentials(record["parameters"].get("credentials_block"))
+    running = []
     with credentials.get_client() as client:
         for batch_id in reversed(_batch_ids(record)):  # the newest round first
             batch = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
+            if batch.is_terminal and queued:
+                return True, ""
             if not batch.is_terminal:
-                return False, f"{batch.id} {batch.status} {batch.progress}"
-    return True, ""
+                running.append(f"{batch.id} {batch.status} {batch.progress}")
+                if not queued:
+                    break
+    waiting = f"; {queued} shard(s) waiting for a slot" if queued else ""
+    return not running, ", ".join(running) + waiting
 
 
 @flow(name="kluster-collect-batches")
@@ -120,7 +143,7 @@ def collect_batches() -> dict[str, str]:
     logger = get_run_logger()
     outcomes: dict[str, str] = {}
     for name, record in list_pending().items():
-        done, progress = _batches_done(record)
+        done, progress = _ready(record)
         if not done:
             logger.info("%s: still running (%s)", name, progress)
             outcomes[name] = "running"

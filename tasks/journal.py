@@ -59,10 +59,14 @@ class Journal:
         times = [e["at"] for e in self.events() if e["event"].endswith("_intent")]
         return min(times) if times else None
 
-    def batch_ids(self) -> list[str]:
-        """Every batch id this run recorded, oldest first, without repeats."""
+    def batch_ids(self, round_no: int | None = None) -> list[str]:
+        """Every batch id this run recorded (of one round, if given), oldest first,
+        without repeats. Keys are shard identities: ``sha256:round[:label]``."""
         seen: dict[str, None] = {}
         for event in self.events():
-            if event.get("batch_id"):
-                seen[event["batch_id"]] = None
+            if not event.get("batch_id"):
+                continue
+            if round_no is not None and event["key"].split(":")[1:2] != [str(round_no)]:
+                continue
+            seen[event["batch_id"]] = None
         return list(seen)

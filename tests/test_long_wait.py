@@ -12,6 +12,16 @@ from flows.pending import PENDING_PREFIX, PendingRecordTooLarge, list_pending
 from tests.helpers import read_jsonl, requests, write_jsonl
 
 
+@pytest.fixture(autouse=True)
+def no_pending_left():
+    """Each test starts and ends with no pending run on the (session-wide) server."""
+    for name in list_pending():
+        Variable.unset(name)
+    yield
+    for name in list_pending():
+        Variable.unset(name)
+
+
 def test_submit_then_collect_gives_the_waiting_output(tmp_path, kluster_env):
     rows = requests(40)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -69,7 +79,7 @@ def test_many_batches_are_collected_from_the_journal(tmp_path, kluster_env):
         output_path=str(out),
         wait=False,
         max_requests_per_file=1,
-        max_concurrency=16,
+        max_concurrency=160,
         poll_interval=0.05,
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 160
@@ -109,3 +119,40 @@ def test_pending_runs_are_listed_past_one_page():
     finally:
         for name in [*names, "kluster_other"]:
             Variable.unset(name)
+
+
+def _running(emulator) -> int:
+    ended = {"completed", "failed", "expired", "cancelled"}
+    return sum(b["status"] not in ended for b in emulator.stats()["batches"])
+
+
+def test_max_concurrency_holds_while_not_waiting(tmp_path, kluster_env):
+    # Six shards, at most two batches running: the first call submits two and ends; each
+    # collection that sees a slot free submits the next, never more than two at once.
+    kluster_env.configure(lines_per_second=10)
+    rows = requests(30)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "capped.jsonl"
+    pending = batch_inference(
+        input_path=str(src),
+        output_path=str(out),
+        wait=False,
+        max_requests_per_file=5,
+        max_concurrency=2,
+        poll_interval=0.05,
+    )
+    assert pending.status == "pending" and len(pending.batch_ids) == 2
+    (record,) = list_pending().values()
+    assert record["queued"] == 4 and record["batch_ids"] == pending.batch_ids
+    most = _running(kluster_env)
+    deadline = time.monotonic() + 120
+    outcome = None
+    while time.monotonic() < deadline and outcome != "completed":
+        (outcome,) = collect_batches().values()
+        most = max(most, _running(kluster_env))
+        time.sleep(0.1)
+    assert outcome == "completed" and list_pending() == {}
+    assert most <= 2
+    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 6
+    assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
+    assert all(r["status"] == "ok" for r in read_jsonl(out))
