@@ -68,43 +68,45 @@ def test_submit_then_collect_gives_the_waiting_output(tmp_path, kluster_env):
     assert set(pending.batch_ids) <= set(waited.batch_ids)
 
 
+def start_without_waiting(tmp_path, rows, name: str, **options):
+    """Submit ``rows`` with wait=False; returns the pending result and the output path."""
+    src = write_jsonl(tmp_path / f"{name}.in.jsonl", rows)
+    out = tmp_path / f"{name}.jsonl"
+    options.setdefault("poll_interval", 0.05)
+    pending = batch_inference(input_path=str(src), output_path=str(out), wait=False, **options)
+    return pending, out
+
+
+def collect_until_completed(after_each=None, timeout: float = 120) -> str | None:
+    """Run the collector until the one pending run completes (or time runs out)."""
+    deadline = time.monotonic() + timeout
+    outcome = None
+    while time.monotonic() < deadline and outcome != "completed":
+        (outcome,) = collect_batches().values()
+        if after_each is not None:
+            after_each()
+        time.sleep(0.1)
+    return outcome
+
+
 def test_many_batches_are_collected_from_the_journal(tmp_path, kluster_env):
     # 160 one-line shards: their batch ids do not fit in a Prefect Variable (5,000
     # characters), so the record keeps the count and the collector reads the journal.
     rows = requests(160)
-    src = write_jsonl(tmp_path / "in.jsonl", rows)
-    out = tmp_path / "many.jsonl"
-    pending = batch_inference(
-        input_path=str(src),
-        output_path=str(out),
-        wait=False,
-        max_requests_per_file=1,
-        max_concurrency=160,
-        poll_interval=0.05,
+    pending, out = start_without_waiting(
+        tmp_path, rows, "many", max_requests_per_file=1, max_concurrency=160
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 160
-    record = next(r for r in list_pending().values() if r["parameters"]["output_path"] == str(out))
+    (record,) = list_pending().values()
     assert record["batch_ids"] is None and record["batch_count"] == 160
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        outcomes = collect_batches()
-        if outcomes and set(outcomes.values()) == {"completed"}:
-            break
-        time.sleep(0.2)
-    assert list_pending() == {}
+    assert collect_until_completed() == "completed" and list_pending() == {}
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
     assert kluster_env.stats()["requests"]["POST /v1/batches"] == 160
 
 
 def test_parameters_too_large_for_a_variable_are_refused_before_upload(tmp_path, kluster_env):
-    src = write_jsonl(tmp_path / "in.jsonl", requests(3))
     with pytest.raises(PendingRecordTooLarge, match="shorten metadata or paths, or wait=True"):
-        batch_inference(
-            input_path=str(src),
-            output_path=str(tmp_path / "o.jsonl"),
-            wait=False,
-            metadata={"note": "x" * 6000},
-        )
+        start_without_waiting(tmp_path, requests(3), "huge", metadata={"note": "x" * 6000})
     assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
     assert list_pending() == {}
 
@@ -131,28 +133,16 @@ def test_max_concurrency_holds_while_not_waiting(tmp_path, kluster_env):
     # collection that sees a slot free submits the next, never more than two at once.
     kluster_env.configure(lines_per_second=10)
     rows = requests(30)
-    src = write_jsonl(tmp_path / "in.jsonl", rows)
-    out = tmp_path / "capped.jsonl"
-    pending = batch_inference(
-        input_path=str(src),
-        output_path=str(out),
-        wait=False,
-        max_requests_per_file=5,
-        max_concurrency=2,
-        poll_interval=0.05,
+    pending, out = start_without_waiting(
+        tmp_path, rows, "capped", max_requests_per_file=5, max_concurrency=2
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 2
     (record,) = list_pending().values()
     assert record["queued"] == 4 and record["batch_ids"] == pending.batch_ids
-    most = _running(kluster_env)
-    deadline = time.monotonic() + 120
-    outcome = None
-    while time.monotonic() < deadline and outcome != "completed":
-        (outcome,) = collect_batches().values()
-        most = max(most, _running(kluster_env))
-        time.sleep(0.1)
+    seen = [_running(kluster_env)]
+    outcome = collect_until_completed(lambda: seen.append(_running(kluster_env)))
     assert outcome == "completed" and list_pending() == {}
-    assert most <= 2
+    assert max(seen) <= 2, seen
     assert kluster_env.stats()["requests"]["POST /v1/batches"] == 6
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
     assert all(r["status"] == "ok" for r in read_jsonl(out))
