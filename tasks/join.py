@@ -217,7 +217,7 @@ class _ResultIndex:
         """The error for the first line of a block that has no readable custom_id."""
         path = self.paths[file_no]
         with open(path, "rb") as handle:
-            before = sum(chunk.count(b"\n") for _, chunk in _chunks(handle, offset))
+            before = sum(chunk.count(b"\n") for chunk in _chunks(handle, offset))
         for number, line in enumerate(split_lines(data), start=before + 1):
             if not line.strip():
                 continue
@@ -419,15 +419,11 @@ class _ParquetSink:
             self.tmp.unlink(missing_ok=True)
 
 
-def _chunks(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes]]:
+def _chunks(handle: BinaryIO, limit: int) -> Iterator[bytes]:
     """The first ``limit`` bytes of a file, a block at a time."""
-    offset = 0
-    while offset < limit:
-        chunk = handle.read(min(1 << 20, limit - offset))
-        if not chunk:
-            return
-        yield offset, chunk
-        offset += len(chunk)
+    while limit > 0 and (chunk := handle.read(min(1 << 20, limit))):
+        limit -= len(chunk)
+        yield chunk
 
 
 def _last_line_of(path: str, custom_id: str) -> int | None:
