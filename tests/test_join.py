@@ -205,3 +205,16 @@ def test_every_custom_id_exactly_once_in_input_order(tmp_path_factory, ids, cap,
     assert summary.requests == len(ids)
     assert summary.succeeded == sum(o in ("ok", "retried") for o in outcomes.values())
     json.dumps(summary.model_dump())
+
+
+def test_unreadable_line_deep_in_a_large_file_is_located(tmp_path):
+    # Past the first 4 MB block (and possibly sent to the helper process): the line number
+    # counts every line before the block the bad one is in.
+    shards = make_shards(tmp_path, ["a"])
+    good = json.dumps(ok_line("filler-" + "x" * 200)).encode()
+    count = (5 << 20) // len(good) + 1
+    res = tmp_path / "big.jsonl"
+    res.write_bytes(b"\n".join([good] * count + [b"garbage", good]) + b"\n")
+    with pytest.raises(ResultFileError) as err:
+        join_result_files(shards, [str(res)], tmp_path / "j.jsonl")
+    assert err.value.line == count + 1, str(err.value)
