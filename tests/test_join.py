@@ -109,20 +109,22 @@ BAD_RESULT = {"custom_id": "b", "response": {"status_code": 200, "body": {"choic
 
 
 @pytest.mark.parametrize(
-    ("bad", "line", "reason"),
+    ("middle", "line", "reason"),
     [
-        (b"not json at all", 3, "not a result line: JSON is malformed"),
-        (b'{"id": "no custom_id here"}', 3, "not a result line: Object missing required field"),
-        (BAD_RESULT, 2, "the result for custom_id 'b' cannot be read: Expected `array`"),
+        # A line with no readable custom_id fails the first pass, ahead of line 2's problem.
+        ([BAD_RESULT, b"not json at all"], 3, "not a result line: JSON is malformed"),
+        (
+            [BAD_RESULT, b'{"id": "no custom_id here"}'],
+            3,
+            "not a result line: Object missing required field",
+        ),
+        ([BAD_RESULT], 2, "the result for custom_id 'b' cannot be read: Expected `array`"),
     ],
     ids=["broken-json", "no-custom_id", "bad-result-shape"],
 )
-def test_unreadable_result_lines_name_the_file_and_line(tmp_path, bad, line, reason):
+def test_unreadable_result_lines_name_the_file_and_line(tmp_path, middle, line, reason):
     shards = make_shards(tmp_path, ["a", "b", "c"])
-    rows = [ok_line("a"), BAD_RESULT, bad, ok_line("c")] if line == 3 else [ok_line("a")]
-    if line == 2:
-        rows += [bad, ok_line("c")]
-    res = write_jsonl(tmp_path / "r.jsonl", rows)
+    res = write_jsonl(tmp_path / "r.jsonl", [ok_line("a"), *middle, ok_line("c")])
     target = tmp_path / "j.jsonl"
     with pytest.raises(ResultFileError) as err:
         join_result_files(shards, [str(write_jsonl(tmp_path / "ok.jsonl", [])), str(res)], target)
