@@ -403,7 +403,8 @@ def batch_inference(
         while True:
             if not wait:
                 submitted, queued = submit_round(run, round_shards, round_no, known)
-                known = known + [b for b in submitted if b not in known]
+                seen = {b.id for b in known}
+                known = known + [b for b in submitted if b.id not in seen]
                 running = [b for b in submitted if not b.is_terminal]
                 if running or queued:
                     name = register_pending(
