@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from emulator.config import DEFAULT_MODELS
+from prefect_kluster.emulator.config import DEFAULT_MODELS
 
 SEED = 20240611
 MODELS = DEFAULT_MODELS  # the emulator serves these, so every line is valid there

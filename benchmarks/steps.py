@@ -63,7 +63,7 @@ class HelperWatch:
     not the parent's (ru_maxrss of children would include the parent's pages at fork).
     """
 
-    def __init__(self, interval: float = 0.02, marker: bytes = b"tasks._lines"):
+    def __init__(self, interval: float = 0.02, marker: bytes = b"prefect_kluster.tasks._lines"):
         self.interval = interval
         self.marker = marker  # in the helpers' command line; not in a Prefect server's
         self.peak_mb = 0.0
@@ -150,7 +150,7 @@ def gen_results(output_path: str, error_path: str, n: int) -> dict[str, Any]:
 
 
 def ours_shard(source: str, out_dir: str) -> dict[str, Any]:
-    from tasks.build import shard_request_file
+    from prefect_kluster.tasks.build import shard_request_file
 
     with HelperWatch() as watch:
         start = Clock()
@@ -239,8 +239,8 @@ def baseline_shard(source: str, out_dir: str, max_file_bytes: int) -> dict[str, 
 
 
 def ours_join(shards_json: str, result_paths: list[str], output: str) -> dict[str, Any]:
-    from tasks.join import join_result_files
-    from tasks.types import Shard
+    from prefect_kluster.tasks.join import join_result_files
+    from prefect_kluster.tasks.types import Shard
 
     shards = [Shard.model_validate(s) for s in json.loads(Path(shards_json).read_text())]
     with HelperWatch() as watch:
@@ -328,7 +328,7 @@ def baseline_join(ids_paths: list[str], result_paths: list[str], output: str) ->
 
 def _timed_emulator_validation() -> list[float]:
     """Time the emulator's validation stage (it has no counter for it) from in-process."""
-    from emulator import worker
+    from prefect_kluster.emulator import worker
 
     spent: list[float] = []
     original = worker._Run._validate
@@ -361,9 +361,8 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
-
-    from emulator import EmulatorConfig, run_emulator
-    from flows.batch_inference import batch_inference
+    from prefect_kluster.emulator import EmulatorConfig, run_emulator
+    from prefect_kluster.flows.batch_inference import batch_inference
 
     @flow
     def warm_up() -> int:
@@ -395,8 +394,7 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
 def baseline_e2e(source: str) -> dict[str, Any]:
     """The guide's script shape through the openai SDK: upload, create, poll, `.content`."""
     from openai import OpenAI
-
-    from emulator import EmulatorConfig, run_emulator
+    from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
     validation = _timed_emulator_validation()
     with run_emulator(EmulatorConfig()) as emu:

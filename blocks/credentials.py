@@ -18,7 +18,7 @@ class KlusterCredentials(Block):
     Example:
         Save once, then load by name in any flow::
 
-            from blocks import KlusterCredentials
+            from prefect_kluster.blocks import KlusterCredentials
 
             KlusterCredentials(api_key="...").save("kluster", overwrite=True)
             client = KlusterCredentials.load("kluster").get_client()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from prefect_kluster.blocks.credentials import DEFAULT_BASE_URL, KlusterCredentials
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from blocks.credentials import DEFAULT_BASE_URL, KlusterCredentials
 
 
 class MissingCredentialsError(RuntimeError):

@@ -30,10 +30,9 @@ if str(ROOT) not in sys.path:  # `python deployments/serve.py` puts deployments/
 from prefect import serve  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.schedules import Cron, Interval  # noqa: E402
-
-from flows.batch_inference import batch_inference  # noqa: E402
-from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
-from flows.pending import collect_batches  # noqa: E402
+from prefect_kluster.flows.batch_inference import batch_inference  # noqa: E402
+from prefect_kluster.flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
+from prefect_kluster.flows.pending import collect_batches  # noqa: E402
 
 TAGS = ["kluster"]
 NIGHTLY_CRON = "0 2 * * *"
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     with ExitStack() as stack:
         if args.emulator:
-            from emulator import EmulatorConfig, run_emulator
+            from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
             emu = stack.enter_context(run_emulator(EmulatorConfig()))
             # Runs are child processes: they inherit these.

@@ -1,17 +1,13 @@
 """Prefect flows for kluster.ai batch inference."""
 
-import warnings
-
-from flows.batch_inference import BatchRunError, BatchRunResult, ShardResult, batch_inference
-from flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow
-from flows.pending import collect_batches
-
-# `python -m flows.batch_inference` imports this package, and so that module, before
-# running the file again as __main__; its __main__ block hands over to the copy imported
-# here, so one copy is used and runpy's warning about the second is only noise.
-warnings.filterwarnings(
-    "ignore", message="'flows.batch_inference' found in sys.modules", category=RuntimeWarning
+from prefect_kluster.flows.batch_inference import (
+    BatchRunError,
+    BatchRunResult,
+    ShardResult,
+    batch_inference,
 )
+from prefect_kluster.flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow
+from prefect_kluster.flows.pending import collect_batches
 
 __all__ = [
     "BatchRunError",

@@ -21,19 +21,21 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
-
-from blocks import KlusterCredentials, resolve_credentials
-from flows.pending import check_pending_fits, register_pending
-from flows.reporting import create_batch_progress, publish_run_summary, update_batch_progress
-from tasks.build import build_request_file, validate_and_shard
-from tasks.download import download_batch_results
-from tasks.join import JoinSummary, OutputExistsError
-from tasks.journal import Journal
-from tasks.manage import list_models
-from tasks.progress import forget_run, summed_counts, watch_progress
-from tasks.rounds import build_retry_shards, join_round, write_parquet
-from tasks.submit import (
+from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
+from prefect_kluster.flows.pending import check_pending_fits, register_pending
+from prefect_kluster.flows.reporting import (
+    create_batch_progress,
+    publish_run_summary,
+    update_batch_progress,
+)
+from prefect_kluster.tasks.build import build_request_file, validate_and_shard
+from prefect_kluster.tasks.download import download_batch_results
+from prefect_kluster.tasks.join import JoinSummary, OutputExistsError
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.manage import list_models
+from prefect_kluster.tasks.progress import forget_run, summed_counts, watch_progress
+from prefect_kluster.tasks.rounds import build_retry_shards, join_round, write_parquet
+from prefect_kluster.tasks.submit import (
     find_existing_batches,
     identity_key,
     matches,
@@ -41,9 +43,16 @@ from tasks.submit import (
     shard_identity,
     submit_shard,
 )
-from tasks.types import DEFAULT_MAX_FILE_BYTES, BatchInfo, RequestCounts, Shard, TokenUsage
-from tasks.upload import clean_up_uploads, upload_shard
-from tasks.wait import BatchWaitTimeout, poll_pauses, wait_for_batch
+from prefect_kluster.tasks.types import (
+    DEFAULT_MAX_FILE_BYTES,
+    BatchInfo,
+    RequestCounts,
+    Shard,
+    TokenUsage,
+)
+from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
+from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_pauses, wait_for_batch
+from pydantic import BaseModel, Field
 
 
 class BatchRunError(RuntimeError):
@@ -564,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     with ExitStack() as stack:
         if args.emulator:
-            from emulator import EmulatorConfig, run_emulator
+            from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
             emu = stack.enter_context(run_emulator(EmulatorConfig()))
             os.environ["KLUSTER_BASE_URL"] = emu.base_url
@@ -616,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the package's copy of this module (flows/__init__ imported it first), so the flow,
-    # its hooks and its error types are the ones every other module uses.
-    from flows.batch_inference import main as package_main
+    # `python -m flows.batch_inference` from a checkout runs this file as __main__: hand over
+    # to the installed package's copy, so the flow, its hooks and its error types are the
+    # ones every other module uses.
+    from prefect_kluster.flows.batch_inference import main as package_main
 
     sys.exit(package_main())

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.logging import get_run_logger
-
-from blocks import resolve_credentials
-from flows.reporting import publish_batches_table, publish_models_table
-from tasks.manage import cancel_batch, list_batches, list_models
-from tasks.types import BatchInfo, ModelInfo
+from prefect_kluster.blocks import resolve_credentials
+from prefect_kluster.flows.reporting import publish_batches_table, publish_models_table
+from prefect_kluster.tasks.manage import cancel_batch, list_batches, list_models
+from prefect_kluster.tasks.types import BatchInfo, ModelInfo
 
 
 @flow(name="kluster-list-models")

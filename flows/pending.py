@@ -15,10 +15,9 @@ from prefect.client.orchestration import get_client
 from prefect.logging import get_run_logger
 from prefect.types import MAX_VARIABLE_VALUE_LENGTH
 from prefect.variables import Variable
-
-from blocks import resolve_credentials
-from tasks.journal import Journal
-from tasks.types import BatchInfo
+from prefect_kluster.blocks import resolve_credentials
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.types import BatchInfo
 
 PENDING_PREFIX = "kluster_pending_"
 _PAGE = 200  # the server's default page size for variables
@@ -138,7 +137,7 @@ def collect_batches() -> dict[str, str]:
     left for the next collection; a run that needs another round of failed lines submits
     it and stays pending. Returns each pending run's outcome by variable name.
     """
-    from flows.batch_inference import BatchRunError, batch_inference
+    from prefect_kluster.flows.batch_inference import BatchRunError, batch_inference
 
     logger = get_run_logger()
     outcomes: dict[str, str] = {}

@@ -30,9 +30,8 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.events.schemas.events import Event
-
-from tasks.join import JoinSummary
-from tasks.types import BatchInfo, ModelInfo
+from prefect_kluster.tasks.join import JoinSummary
+from prefect_kluster.tasks.types import BatchInfo, ModelInfo
 
 PROGRESS_KEY = "kluster-batch-progress"
 SUMMARY_KEY = "kluster-batch-summary"

@@ -1,7 +1,7 @@
 """Prefect tasks for each step of the kluster.ai batch lifecycle, in the guide's order:
 build -> upload -> submit -> wait -> download (-> join), plus cancel and list."""
 
-from tasks.build import (
+from prefect_kluster.tasks.build import (
     LineProblem,
     RequestFileError,
     build_request_file,
@@ -11,27 +11,32 @@ from tasks.build import (
     validate_and_shard,
     write_request_lines,
 )
-from tasks.download import download_batch_results, download_file
-from tasks.join import (
+from prefect_kluster.tasks.download import download_batch_results, download_file
+from prefect_kluster.tasks.join import (
     JoinSummary,
     OutputExistsError,
     ResultFileError,
     join_result_files,
     join_results,
 )
-from tasks.manage import cancel_batch, list_batches, list_models
-from tasks.retry import is_transient_error
-from tasks.rounds import build_retry_shards, join_round
-from tasks.submit import ShardUpload, find_existing_batches, submit_batch, submit_shard
-from tasks.types import BatchInfo, ModelInfo, RequestCounts, Shard, TokenUsage
-from tasks.upload import (
+from prefect_kluster.tasks.manage import cancel_batch, list_batches, list_models
+from prefect_kluster.tasks.retry import is_transient_error
+from prefect_kluster.tasks.rounds import build_retry_shards, join_round
+from prefect_kluster.tasks.submit import (
+    ShardUpload,
+    find_existing_batches,
+    submit_batch,
+    submit_shard,
+)
+from prefect_kluster.tasks.types import BatchInfo, ModelInfo, RequestCounts, Shard, TokenUsage
+from prefect_kluster.tasks.upload import (
     FileLimitError,
     check_file_limits,
     clean_up_uploads,
     upload_file,
     upload_shard,
 )
-from tasks.wait import BatchWaitTimeout, poll_batch, wait_for_batch
+from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_batch, wait_for_batch
 
 __all__ = [
     "BatchInfo",

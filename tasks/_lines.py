@@ -2,9 +2,10 @@
 
 Decoding is the bottleneck of both steps (about 1 us a line), so large inputs are split
 between this process and one helper process (``Helper``) on another core. The helper
-imports only this module, ``tasks.schema`` and msgspec (not the ``tasks`` package, which
-imports Prefect: 2 s and 110 MB), so it starts in about 0.1 s. Whatever the helper fails
-or does not answer, the caller does itself, so results never depend on it.
+imports only this module, ``prefect_kluster.tasks.schema`` and msgspec (not the package
+``prefect_kluster.tasks``, which imports Prefect: 2 s and 110 MB), so it starts in about
+0.1 s. Whatever the helper fails or does not answer, the caller does itself, so results
+never depend on it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from queue import SimpleQueue
 from typing import Any, BinaryIO
 
 import msgspec
-
-from tasks.schema import (
+from prefect_kluster.tasks.schema import (
     JoinedError,
     JoinedLine,
     ResultLine,
@@ -243,14 +243,15 @@ class JoinedBlock:
 
 # --- the helper process -----------------------------------------------------------------
 
-# Runs in the helper: a bare ``tasks`` package, so that importing tasks._lines does not
-# run tasks/__init__.py (and import Prefect).
+# Runs in the helper: bare ``prefect_kluster`` and ``prefect_kluster.tasks`` packages, so
+# that importing the line module does not run their __init__ files (and import Prefect).
 _BOOT = """
 import sys, types
-package = types.ModuleType("tasks")
-package.__path__ = [sys.argv[1]]
-sys.modules["tasks"] = package
-from tasks._lines import serve
+for name, path in (("prefect_kluster", []), ("prefect_kluster.tasks", [sys.argv[1]])):
+    package = types.ModuleType(name)
+    package.__path__ = path
+    sys.modules[name] = package
+from prefect_kluster.tasks._lines import serve
 serve(sys.argv[2])
 """
 _FAILED = object()

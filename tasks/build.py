@@ -28,11 +28,10 @@ import msgspec
 import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
-
-from tasks import _lines as line_work
-from tasks._lines import Helper, ModelNotAllowed, check_requests, read_blocks
-from tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
-from tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
+from prefect_kluster.tasks import _lines as line_work
+from prefect_kluster.tasks._lines import Helper, ModelNotAllowed, check_requests, read_blocks
+from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
+from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
 
 MAX_REPORTED_PROBLEMS = 20
 _BOM = b"\xef\xbb\xbf"

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from prefect import task
 from prefect.logging import get_run_logger
-
-from blocks import KlusterCredentials
-from tasks.retry import RETRY_OPTIONS
-from tasks.types import BatchInfo
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.retry import RETRY_OPTIONS
+from prefect_kluster.tasks.types import BatchInfo
 
 CHUNK_BYTES = 1 << 20
 

@@ -25,11 +25,10 @@ import msgspec
 import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, Field
 
 # to_joined, is_transient_failure and the codes are defined in tasks._lines, which imports no
 # Prefect, so that the join's helper process can run them; they are this module's API too.
-from tasks._lines import (
+from prefect_kluster.tasks._lines import (
     NOT_PROCESSED,
     OK,
     TRANSIENT,
@@ -42,14 +41,15 @@ from tasks._lines import (
     split_lines,
     to_joined,
 )
-from tasks.schema import (
+from prefect_kluster.tasks.schema import (
     JoinedLine,
     ResultLine,
     custom_id_decoder,
     joined_encoder,
     result_decoder,
 )
-from tasks.types import Shard, TokenUsage
+from prefect_kluster.tasks.types import Shard, TokenUsage
+from pydantic import BaseModel, Field
 
 CHUNK_LINES = 65536
 __all__ = [

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.logging import get_run_logger
-
-from blocks import KlusterCredentials
-from tasks.retry import RETRY_OPTIONS
-from tasks.types import BatchInfo, ModelInfo, parse_timestamp
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.retry import RETRY_OPTIONS
+from prefect_kluster.tasks.types import BatchInfo, ModelInfo, parse_timestamp
 
 
 @task(name="cancel-batch", **RETRY_OPTIONS)

@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
-
-from tasks.types import BatchInfo, RequestCounts
+from prefect_kluster.tasks.types import BatchInfo, RequestCounts
 
 _lock = threading.Lock()
 _boards: dict[str, dict[str, BatchInfo]] = {}
@@ -62,7 +61,9 @@ def summed_counts(batches: object) -> RequestCounts:
 
 def announce_batch(batch: BatchInfo, event: str) -> None:
     """Emit the ``kluster.batch.<event>`` Prefect event (a no-op outside a run)."""
-    from flows.reporting import emit_batch_event  # imported late: flows import tasks
+    from prefect_kluster.flows.reporting import (
+        emit_batch_event,  # imported late: flows import tasks
+    )
 
     emit_batch_event(batch, event)
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import msgspec
 from prefect import task
 from prefect.logging import get_run_logger
-
-from tasks.build import shard_request_file
-from tasks.join import JoinSummary, _ParquetSink, join_result_files
-from tasks.schema import JoinedLine
-from tasks.types import Shard
+from prefect_kluster.tasks.build import shard_request_file
+from prefect_kluster.tasks.join import JoinSummary, _ParquetSink, join_result_files
+from prefect_kluster.tasks.schema import JoinedLine
+from prefect_kluster.tasks.types import Shard
 
 
 @task(name="join-round")

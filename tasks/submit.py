@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from openai import OpenAI
 from prefect import task
 from prefect.logging import get_run_logger
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.progress import announce_batch
+from prefect_kluster.tasks.retry import RETRY_OPTIONS, is_transient_error
+from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL
+from prefect_kluster.tasks.types import BatchInfo, Shard
 from pydantic import BaseModel
-
-from blocks import KlusterCredentials
-from tasks.journal import Journal
-from tasks.progress import announce_batch
-from tasks.retry import RETRY_OPTIONS, is_transient_error
-from tasks.schema import CHAT_COMPLETIONS_URL
-from tasks.types import BatchInfo, Shard
 
 SHA_KEY = "kluster_shard_sha256"
 ROUND_KEY = "kluster_round"

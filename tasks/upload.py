@@ -10,12 +10,11 @@ import openai
 from openai import OpenAI
 from prefect import task
 from prefect.logging import get_run_logger
-
-from blocks import KlusterCredentials
-from tasks.journal import Journal
-from tasks.retry import RETRY_OPTIONS, is_transient_error
-from tasks.submit import ShardUpload, identity_key
-from tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard, parse_timestamp
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.retry import RETRY_OPTIONS, is_transient_error
+from prefect_kluster.tasks.submit import ShardUpload, identity_key
+from prefect_kluster.tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard, parse_timestamp
 
 
 class FileLimitError(ValueError):

@@ -13,11 +13,10 @@ from collections.abc import Callable
 
 from prefect import task
 from prefect.logging import get_run_logger
-
-from blocks import KlusterCredentials
-from tasks.progress import announce_batch, report_progress
-from tasks.retry import RETRY_OPTIONS
-from tasks.types import BatchInfo
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.progress import announce_batch, report_progress
+from prefect_kluster.tasks.retry import RETRY_OPTIONS
+from prefect_kluster.tasks.types import BatchInfo
 
 
 class BatchWaitTimeout(RuntimeError):

@@ -26,7 +26,7 @@ def prefect_backend() -> Iterator[None]:
 @pytest.fixture
 def emulator() -> Iterator[object]:
     """A fresh emulator on a free loopback port that checks the test API key."""
-    from emulator import EmulatorConfig, run_emulator
+    from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
     with run_emulator(EmulatorConfig(api_key=TEST_API_KEY)) as emu:
         yield emu
@@ -34,7 +34,7 @@ def emulator() -> Iterator[object]:
 
 @pytest.fixture
 def credentials(emulator):
-    from blocks import KlusterCredentials
+    from prefect_kluster.blocks import KlusterCredentials
 
     return KlusterCredentials(api_key=TEST_API_KEY, base_url=emulator.base_url, timeout=20)
 

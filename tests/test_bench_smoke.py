@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect_kluster.tasks.build import RequestFileError, shard_request_file
+from prefect_kluster.tasks.join import join_result_files
 
 import tasks._lines as lines_module
-from tasks.build import RequestFileError, shard_request_file
-from tasks.join import join_result_files
 from tests.helpers import request, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

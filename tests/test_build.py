@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tasks.build import (
+from prefect_kluster.tasks.build import (
     RequestFileError,
     build_request_lines,
     read_prompts,
     shard_request_file,
     write_request_lines,
 )
-from tasks.upload import FileLimitError, check_file_limits
+from prefect_kluster.tasks.upload import FileLimitError, check_file_limits
+
 from tests.helpers import MODEL, request, write_jsonl
 
 

@@ -22,10 +22,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_kluster.flows import reporting
+from prefect_kluster.tasks.join import JoinSummary, ShardSummary
+from prefect_kluster.tasks.types import BatchInfo, ModelInfo, RequestCounts, TokenUsage
 
-from flows import reporting
-from tasks.join import JoinSummary, ShardSummary
-from tasks.types import BatchInfo, ModelInfo, RequestCounts, TokenUsage
 from tests.conftest import TEST_API_KEY
 from tests.helpers import read_jsonl, requests, write_jsonl
 from tests.server import (

@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
-from emulator import Emulator, EmulatorConfig, create_app, run_emulator
+from prefect_kluster.emulator import Emulator, EmulatorConfig, create_app, run_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"

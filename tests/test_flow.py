@@ -12,9 +12,8 @@ from pathlib import Path
 
 import openai
 import pytest
-
-from blocks import KlusterCredentials, MissingCredentialsError
-from flows import (
+from prefect_kluster.blocks import KlusterCredentials, MissingCredentialsError
+from prefect_kluster.flows import (
     BatchRunError,
     batch_inference,
     cancel_batch_flow,
@@ -22,7 +21,8 @@ from flows import (
     list_batches_flow,
     list_models_flow,
 )
-from tasks import RequestFileError
+from prefect_kluster.tasks import RequestFileError
+
 from tests.conftest import TEST_API_KEY
 from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
 from tests.server import wait_for
@@ -263,8 +263,7 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
     from prefect.settings import PREFECT_API_URL
-
-    from flows.batch_inference import batch_inference as flow_fn
+    from prefect_kluster.flows.batch_inference import batch_inference as flow_fn
 
     state = flow_fn(
         requests=requests(4),

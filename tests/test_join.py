@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prefect_kluster.tasks.build import shard_request_file
+from prefect_kluster.tasks.join import OutputExistsError, ResultFileError, join_result_files
 
-from tasks.build import shard_request_file
-from tasks.join import OutputExistsError, ResultFileError, join_result_files
 from tests.helpers import read_jsonl, request, write_jsonl
 
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 from prefect.variables import Variable
+from prefect_kluster.flows import batch_inference, collect_batches
+from prefect_kluster.flows.pending import PENDING_PREFIX, PendingRecordTooLarge, list_pending
 
-from flows import batch_inference, collect_batches
-from flows.pending import PENDING_PREFIX, PendingRecordTooLarge, list_pending
 from tests.helpers import read_jsonl, requests, write_jsonl
 
 

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import openai
 import pytest
+from prefect_kluster.flows import BatchRunError, batch_inference
+from prefect_kluster.flows.batch_inference import cancel_remote_batches_hook
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.submit import SHA_KEY
 
-from flows import BatchRunError, batch_inference
-from flows.batch_inference import cancel_remote_batches_hook
-from tasks.journal import Journal
-from tasks.submit import SHA_KEY
 from tests.conftest import TEST_API_KEY
 from tests.helpers import read_jsonl, request, requests, write_jsonl
 

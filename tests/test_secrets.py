@@ -9,10 +9,10 @@ import httpx
 import openai
 import pytest
 from prefect import flow
+from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
+from prefect_kluster.flows import batch_inference, cancel_batch_flow, list_models_flow
+from prefect_kluster.tasks import cancel_batch
 
-from blocks import KlusterCredentials, resolve_credentials
-from flows import batch_inference, cancel_batch_flow, list_models_flow
-from tasks import cancel_batch
 from tests.conftest import TEST_API_KEY
 from tests.helpers import requests
 

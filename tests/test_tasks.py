@@ -10,9 +10,8 @@ import httpx
 import openai
 import pytest
 from prefect import flow
-
-from blocks import KlusterCredentials
-from tasks import (
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks import (
     BatchWaitTimeout,
     build_request_file,
     cancel_batch,
@@ -23,7 +22,8 @@ from tasks import (
     upload_file,
     wait_for_batch,
 )
-from tasks.retry import is_transient_error
+from prefect_kluster.tasks.retry import is_transient_error
+
 from tests.conftest import TEST_API_KEY
 from tests.helpers import read_jsonl, requests, write_jsonl
 
