@@ -6,33 +6,45 @@ Python, or deploy it and trigger it from the Prefect UI.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # the command line checks what it can before importing Prefect
+    import sys
+
+    from prefect_kluster.flows.cli import main
+
+    sys.exit(main())
+
 import logging
-import os
-import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
 from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
-from prefect_kluster.flows.pending import check_pending_fits, register_pending
+from prefect_kluster.flows.options import (
+    Limits,
+    OutputOptions,
+    RequestOptions,
+    RunOptions,
+    StorageSettings,
+)
 from prefect_kluster.flows.reporting import (
     create_batch_progress,
     publish_run_summary,
     update_batch_progress,
 )
+from prefect_kluster.tasks import storage
 from prefect_kluster.tasks.build import build_request_file, validate_and_shard
 from prefect_kluster.tasks.download import download_batch_results
-from prefect_kluster.tasks.join import JoinSummary, OutputExistsError
+from prefect_kluster.tasks.join import JoinSummary, OutputExistsError, parquet_path_for
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.manage import list_models
+from prefect_kluster.tasks.pending import register_pending, unregister_pending
 from prefect_kluster.tasks.progress import forget_run, summed_counts, watch_progress
 from prefect_kluster.tasks.rounds import build_retry_shards, join_round, write_parquet
 from prefect_kluster.tasks.submit import (
@@ -43,16 +55,9 @@ from prefect_kluster.tasks.submit import (
     shard_identity,
     submit_shard,
 )
-from prefect_kluster.tasks.types import (
-    DEFAULT_MAX_FILE_BYTES,
-    BatchInfo,
-    RequestCounts,
-    Shard,
-    TokenUsage,
-)
+from prefect_kluster.tasks.types import BatchInfo, RequestCounts, Shard, TokenUsage
 from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
 from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_pauses, wait_for_batch
-from pydantic import BaseModel, Field
 
 
 class BatchRunError(RuntimeError):
@@ -74,12 +79,13 @@ class ShardResult(BaseModel):
 class BatchRunResult(BaseModel):
     """What a batch inference run produced."""
 
-    status: str = Field(description="completed, or the final round's worst batch status.")
+    status: str = Field(description="completed, pending, or the final round's worst status.")
     batch_ids: list[str]
     rounds: int = 1
     request_counts: RequestCounts
     usage: TokenUsage
     output_path: str
+    work_dir: str = ""
     parquet_path: str | None = None
     output_files: list[str]
     error_files: list[str]
@@ -93,106 +99,106 @@ class BatchRunResult(BaseModel):
         return self.batch_ids[0]
 
 
+def default_work_dir(output_path: str, work_dir: str | None = None) -> str:
+    """Where a run keeps shards, its state and downloads: stable across reruns, so a rerun
+    (or the collector, on any worker that reaches it) finds the run's state there."""
+    return work_dir or f"{output_path}.work"
+
+
 @dataclass
 class _Run:
-    """Settings every shard of one run shares."""
+    """What every shard of one run shares."""
 
     credentials: KlusterCredentials
-    work: Path
-    completion_window: str
-    metadata: dict[str, str]
-    poll_interval: float
-    max_poll_interval: float | None
+    work: str
+    run: RunOptions
+    limits: Limits
     deadline: float | None
-    max_concurrency: int
     nonce: str | None
+    started: float
 
     @property
-    def journal_path(self) -> str:
-        return str(self.work / "journal.jsonl")
+    def state_dir(self) -> str:
+        return storage.join(self.work, "state")
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
-
-def _start_shard(
-    run: _Run, shard: Shard, round_no: int, existing: BatchInfo | None
-) -> tuple[PrefectFuture[BatchInfo], PrefectFuture[tuple[str | None, str | None]], Any]:
-    """Chain one shard's upload -> submit -> wait -> download as Prefect task futures."""
-    identity = shard_identity(shard, round_no, run.nonce)
-    creds, journal = run.credentials, run.journal_path
-    uploaded = upload_shard.submit(creds, shard, identity, journal, existing)
-    submitted = submit_shard.submit(creds, uploaded, journal, run.completion_window, run.metadata)
-    cleaned = clean_up_uploads.submit(creds, shard, submitted, journal, identity_key(identity))
-    finished = wait_for_batch.submit(
-        creds, submitted, run.poll_interval, run.remaining(), run.max_poll_interval
-    )
-    results_dir = str(run.work / f"round-{round_no}" / "results")
-    downloaded = download_batch_results.submit(creds, finished, results_dir)
-    return finished, downloaded, cleaned
-
-
-def submit_round(
-    run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
-) -> tuple[list[BatchInfo], int]:
-    """Upload and submit a round's shards without waiting, reusing the batches that exist
-    and keeping at most ``max_concurrency`` running, as the waiting mode does. Returns the
-    round's batches so far and how many shards still wait for a free slot."""
-    found = {}
-    for shard in shards:
-        identity = shard_identity(shard, round_no, run.nonce)
-        found[shard.index] = next((b for b in known if matches(b, identity) and reusable(b)), None)
-    batches = [b for b in found.values() if b is not None]
-    free = max(1, run.max_concurrency) - sum(not b.is_terminal for b in batches)
-    futures = []
-    for shard in shards:
-        if found[shard.index] is not None or free <= 0:
-            continue
-        free -= 1
-        identity = shard_identity(shard, round_no, run.nonce)
-        uploaded = upload_shard.submit(run.credentials, shard, identity, run.journal_path)
-        futures.append(
-            submit_shard.submit(
-                run.credentials, uploaded, run.journal_path, run.completion_window, run.metadata
-            )
-        )
-    batches += [future.result() for future in futures]
-    return batches, len(shards) - len(batches)
+    def known_batch(self, shard: Shard, round_no: int, known: list[BatchInfo]) -> BatchInfo | None:
+        identity = shard_identity(shard, round_no, self.nonce)
+        return next((b for b in known if matches(b, identity) and reusable(b)), None)
 
 
 def run_shards(
     run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
-) -> list[ShardResult]:
-    """Run every shard's lifecycle, at most ``max_concurrency`` shards at a time."""
-    waiting = list(shards)
-    running: dict[Any, tuple[Shard, PrefectFuture[BatchInfo]]] = {}
-    cleanups: list[Any] = []
+) -> tuple[list[ShardResult], list[BatchInfo], int]:
+    """Take every shard of a round as far as it goes, at most ``max_concurrency`` batches
+    running at once: upload -> submit -> wait -> download.
+
+    Waiting (``run.wait``), it returns when every shard is done. Not waiting, it takes
+    each shard only as far as it goes now: an ended batch is downloaded, a running one is
+    left running, and a shard with no batch is submitted while a slot is free. Returns the
+    results of the finished shards, the batches left running, and how many shards still
+    wait for a slot."""
+    wait = run.run.wait
+    poll = (run.run.poll_interval, run.remaining(), run.run.max_poll_interval)
+    results_dir = storage.join(run.work, f"round-{round_no}", "results")
     results: dict[int, ShardResult] = {}
-    while waiting or running:
-        while waiting and len(running) < max(1, run.max_concurrency):
-            shard = waiting.pop(0)
+    in_flight: dict[Any, tuple[Shard, Any, bool]] = {}  # download -> shard, batch, holds a slot
+    left_running: list[BatchInfo] = []
+    todo: list[tuple[Shard, BatchInfo | None]] = []
+    cleanups: list[Any] = []
+    for shard in shards:
+        existing = run.known_batch(shard, round_no, known)
+        if existing is not None and existing.is_terminal:  # ended: download, no slot needed
+            downloaded = download_batch_results.submit(run.credentials, existing, results_dir)
+            in_flight[downloaded] = (shard, existing, False)
+        elif existing is not None and not wait:
+            left_running.append(existing)
+        else:
+            todo.append((shard, existing))
+    slots = max(1, run.limits.max_concurrency) - len(left_running)
+    holding = 0
+    while todo or in_flight:
+        while todo and holding < slots:
+            shard, existing = todo.pop(0)
             identity = shard_identity(shard, round_no, run.nonce)
-            existing = next((b for b in known if matches(b, identity) and reusable(b)), None)
-            finished, downloaded, cleaned = _start_shard(run, shard, round_no, existing)
-            running[downloaded] = (shard, finished)
-            cleanups.append(cleaned)
-        done = next(as_completed(list(running)))
-        shard, finished = running.pop(done)
-        outcome = finished.result(raise_on_failure=False)
-        if isinstance(outcome, BatchWaitTimeout):
-            raise outcome
+            uploaded = upload_shard.submit(
+                run.credentials, shard, identity, run.state_dir, existing, run.started
+            )
+            submitted = submit_shard.submit(
+                run.credentials, uploaded, run.state_dir, run.run.completion_window,
+                run.run.metadata,
+            )  # fmt: skip
+            cleanups.append(
+                clean_up_uploads.submit(
+                    run.credentials, shard, submitted, run.state_dir, identity_key(identity)
+                )
+            )
+            if not wait:  # the batch keeps its slot until a collection finds it ended
+                left_running.append(submitted.result())
+                slots -= 1
+                continue
+            finished = wait_for_batch.submit(run.credentials, submitted, *poll)
+            downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
+            in_flight[downloaded] = (shard, finished, True)
+            holding += 1
+        if not in_flight:
+            break
+        done = next(as_completed(list(in_flight)))
+        shard, finished, held = in_flight.pop(done)
+        holding -= held
+        batch = finished if isinstance(finished, BatchInfo) else finished.result(False)
+        if isinstance(batch, BaseException):  # a timeout, or a wait that failed
+            raise batch
         output_file, error_file = done.result()
         results[shard.index] = ShardResult(
-            round=round_no,
-            shard=shard,
-            batch=outcome,
-            output_file=output_file,
-            error_file=error_file,
+            round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
         )
     for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
         if isinstance(cleaned.result(raise_on_failure=False), BaseException):
             get_run_logger().warning("Could not delete an unused upload; it stays on the service")
-    return [results[s.index] for s in shards]
+    return [results[s.index] for s in shards if s.index in results], left_running, len(todo)
 
 
 def _overall_status(batches: list[BatchInfo]) -> str:
@@ -200,14 +206,6 @@ def _overall_status(batches: list[BatchInfo]) -> str:
         if any(b.status == status for b in batches):
             return status
     return "completed"
-
-
-def default_work_dir(output_path: str, work_dir: str | None = None) -> Path:
-    """Where a run keeps shards, its journal and downloads: stable across reruns."""
-    if work_dir:
-        return Path(work_dir)
-    output = Path(output_path)
-    return output.with_name(output.name + ".work")
 
 
 def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:
@@ -227,11 +225,18 @@ def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]
     return cancelled
 
 
+def run_work_dir(parameters: dict[str, Any]) -> str:
+    """The work directory of a run, from its parameters (as Prefect stores them)."""
+    output = parameters.get("output") or {}
+    if isinstance(output, BaseModel):
+        output = output.model_dump()
+    return default_work_dir(parameters.get("output_path", "results.jsonl"), output.get("work_dir"))
+
+
 def cancel_remote_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation hook: a cancelled flow run cancels its batches still running."""
     params = flow_run.parameters or {}
-    work = default_work_dir(params.get("output_path", "results.jsonl"), params.get("work_dir"))
-    batch_ids = Journal(work / "journal.jsonl").batch_ids()
+    batch_ids = Journal(storage.join(run_work_dir(params), "state")).batch_ids()
     if not batch_ids:
         return
     credentials = resolve_credentials(params.get("credentials_block"))
@@ -243,11 +248,29 @@ def cancel_remote_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
     )
 
 
-def _publish_final(output: Path, joined: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists; pass overwrite=True to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(joined, output)
+def check_paths(
+    input_path: str | None,
+    output_path: str,
+    requests: RequestOptions,
+    output: OutputOptions,
+    roots: list[str],
+) -> None:
+    """Everything about paths that can be refused before anything is read or paid."""
+    work = default_work_dir(output_path, output.work_dir)
+    parquet = parquet_path_for(output_path)
+    storage.check_roots(
+        {
+            "input_path": input_path,
+            "prompts_path": requests.prompts_path,
+            "output_path": output_path,
+            "work_dir": work,
+            "parquet copy": parquet if output.parquet else None,
+        },
+        roots,
+    )
+    for path in (output_path, parquet if output.parquet else None):
+        if path and not output.overwrite and storage.exists(path):
+            raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
 
 @flow(
@@ -258,144 +281,80 @@ def _publish_final(output: Path, joined: Path, overwrite: bool) -> None:
 def batch_inference(
     input_path: str | None = None,
     output_path: str = "results.jsonl",
-    requests: list[dict[str, Any]] | None = None,
-    prompts: list[str] | None = None,
-    prompts_path: str | None = None,
-    prompt_column: str = "text",
-    template: str | None = None,
-    model: str | None = None,
-    system_prompt: str | None = None,
-    completion_params: dict[str, Any] | None = None,
     credentials_block: str | None = None,
-    completion_window: str = "24h",
-    metadata: dict[str, str] | None = None,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    max_requests_per_file: int | None = None,
-    max_concurrency: int = 4,
-    max_attempts: int = 3,
-    poll_interval: float = 10.0,
-    max_poll_interval: float | None = None,
-    timeout: float | None = None,
-    check_models: bool = False,
-    overwrite: bool = False,
-    parquet: bool = False,
-    resubmit: bool = False,
-    run_label: str | None = None,
-    wait: bool = True,
-    work_dir: str | None = None,
+    requests: RequestOptions = RequestOptions(),
+    output: OutputOptions = OutputOptions(),
+    run: RunOptions = RunOptions(),
+    limits: Limits = Limits(),
 ) -> BatchRunResult:
     """Run chat-completion requests as kluster.ai batch jobs and join the results.
 
-    Rerunning with the same inputs after a crash reuses the uploads and batches already
-    made (found on the service by the shard hash in their metadata): nothing is paid twice.
+    Rerunning with the same inputs after a crash, on any worker that reaches the work
+    directory, reuses the uploads and batches already made (found on the service by the
+    shard hash in their metadata): nothing is paid twice.
 
     Args:
-        input_path: A batch request JSONL file (local path or fsspec URL). Or give
-            `requests`, or `prompts` or `prompts_path` with `model`.
+        input_path: A batch request JSONL file (local path or fsspec URL such as
+            s3://bucket/requests.jsonl). Or give request dicts or prompts under `requests`.
         output_path: Where the joined results go (JSONL, one line per request, in input
-            order). Refused if it exists, unless `overwrite`.
-        requests: Request dicts in the batch format (custom_id, method, url, body).
-        prompts: Plain user prompts; each becomes one request for `model`.
-        prompts_path: A CSV (with a header row) or JSONL file of prompts, streamed; each
-            row becomes one request for `model`.
-        prompt_column: The column (CSV) or field (JSONL) holding the prompt text.
-        template: A str.format template over a row's fields, e.g. "Summarise: {text}".
-        model: The model for `prompts`, e.g. klusterai/Meta-Llama-3.3-70B-Instruct-Turbo.
-        system_prompt: Optional system message put before each prompt.
-        completion_params: Extra body fields for `prompts`, e.g. max_completion_tokens.
+            order; local path or fsspec URL). Refused if it exists, unless overwrite.
         credentials_block: Name of a saved kluster.ai Credentials block; without one,
             KLUSTER_API_KEY and KLUSTER_BASE_URL are read from the environment.
-        completion_window: Passed to the service as given ("24h", "48h", "72h").
-        metadata: Key-value strings stored on each batch.
-        max_file_bytes: Largest shard file (the service takes at most 100 MB).
-        max_requests_per_file: Most lines per shard (the free tier takes under 1000).
-        max_concurrency: How many batches run at once, in both modes (a cap keeps a
-            rate-limited tier from expiring batches that wait in its queue).
-        max_attempts: Rounds for lines that failed for a transient reason (429, 5xx,
-            timeout) or never ran (expired, cancelled); 1 means no retry round.
-        poll_interval: Seconds between status checks while a batch is moving.
-        max_poll_interval: Longest pause between status checks while a batch shows no
-            change, e.g. queued for hours (default: six times `poll_interval`).
-        timeout: Seconds the whole run may wait for its batches; when it runs out, the
-            batches still running are cancelled and the run fails (None: no limit).
-        check_models: Refuse lines whose model is not in the service's model list.
-        overwrite: Replace an existing output file.
-        parquet: Also write a Parquet copy (needs pyarrow).
-        resubmit: Make new batches even if the service has batches for these inputs.
-        run_label: Tells apart runs of the same inputs that must not share batches (set
-            automatically by `resubmit`).
-        wait: False: submit, record the pending batches on the Prefect server and return
-            at once; the `kluster-collect-batches` flow finishes the run when they are done.
-        work_dir: Where shards, the journal and downloads go (default: beside the output).
+        requests: What to run when it is not a request file: request dicts, or prompts
+            (a list or a CSV/JSONL file) with a model.
+        output: Where results go besides output_path: overwrite, a Parquet copy, the
+            work directory.
+        run: How to run it: completion window, metadata, waiting or not, polling,
+            timeout, retry rounds.
+        limits: Shard sizes and how many batches run at once.
     """
     logger = get_run_logger()
-    output = Path(output_path)
-    parquet_output = output.with_suffix(".parquet") if parquet else None
-    for existing in (output, parquet_output):
-        if existing is not None and existing.exists() and not overwrite:
-            raise OutputExistsError(f"{existing} already exists; pass overwrite=True to replace it")
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
-    poll_pauses(poll_interval, max_poll_interval)  # refuses non-positive intervals now
-    given = [x is not None for x in (input_path, requests, prompts, prompts_path)]
+    roots = StorageSettings().roots
+    check_paths(input_path, output_path, requests, output, roots)
+    poll_pauses(run.poll_interval, run.max_poll_interval)  # refuses bad intervals now
+    given = [input_path is not None, requests.requests is not None]
+    given += [requests.prompts is not None, requests.prompts_path is not None]
     if sum(given) != 1:
-        raise ValueError("give exactly one of input_path, requests, prompts or prompts_path")
-    work = default_work_dir(output_path, work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+        raise ValueError(
+            "give exactly one of input_path, requests.requests, requests.prompts or "
+            "requests.prompts_path"
+        )
+    work = default_work_dir(output_path, output.work_dir)
     credentials = resolve_credentials(credentials_block)
     ctx = FlowRunContext.get()
-    run = _Run(
+    state = _Run(
         credentials=credentials,
         work=work,
-        completion_window=completion_window,
-        metadata=dict(metadata or {}),
-        poll_interval=poll_interval,
-        max_poll_interval=max_poll_interval,
-        deadline=None if timeout is None else time.monotonic() + timeout,
-        max_concurrency=max_concurrency,
-        nonce=run_label or (str(ctx.flow_run.id) if resubmit and ctx and ctx.flow_run else None),
+        run=run,
+        limits=limits,
+        deadline=None if run.timeout is None else time.monotonic() + run.timeout,
+        nonce=run.run_label
+        or (str(ctx.flow_run.id) if run.resubmit and ctx and ctx.flow_run else None),
+        started=time.time(),
     )
 
+    # build
     source = input_path
     if source is None:
         source = build_request_file(
-            str(work / "requests.jsonl"),
-            requests=requests,
-            prompts=prompts,
-            model=model,
-            system_prompt=system_prompt,
-            completion_params=completion_params,
-            prompts_path=prompts_path,
-            prompt_column=prompt_column,
-            template=template,
+            storage.join(work, "requests.jsonl"),
+            requests=requests.requests,
+            prompts=requests.prompts,
+            model=requests.model,
+            system_prompt=requests.system_prompt,
+            completion_params=requests.completion_params,
+            prompts_path=requests.prompts_path,
+            prompt_column=requests.prompt_column,
+            template=requests.template,
         )
-    # What a collector needs to finish the run: names and paths, no secret.
-    pending_params = dict(
-        input_path=source,
-        output_path=output_path,
-        credentials_block=credentials_block,
-        completion_window=completion_window,
-        metadata=metadata,
-        max_file_bytes=max_file_bytes,
-        max_requests_per_file=max_requests_per_file,
-        max_concurrency=max_concurrency,
-        max_attempts=max_attempts,
-        poll_interval=poll_interval,
-        max_poll_interval=max_poll_interval,
-        check_models=check_models,
-        overwrite=overwrite,
-        parquet=parquet,
-        run_label=run.nonce,
-        wait=False,
-        work_dir=str(work),
-    )
-    if not wait:
-        check_pending_fits(pending_params)
-    allowed = [m.id for m in list_models(credentials)] if check_models else None
+    allowed = [m.id for m in list_models(credentials)] if run.check_models else None
     shards = validate_and_shard(
-        source, str(work / "shards"), max_file_bytes, max_requests_per_file, allowed
+        source,
+        storage.join(work, "shards"),
+        limits.max_file_bytes,
+        limits.max_requests_per_file,
+        allowed,
     )
-    journal = Journal(run.journal_path)
     total_lines = sum(s.lines for s in shards)
     progress_id = create_batch_progress(total_lines)
 
@@ -404,76 +363,63 @@ def batch_inference(
         update_batch_progress(progress_id, counts.completed + counts.failed, counts.total)
 
     watch_progress(show_progress)
-    known = find_existing_batches(credentials, since=None) if not resubmit else []
+    known = find_existing_batches(credentials, since=None) if not run.resubmit else []
+    journal = Journal(state.state_dir)
     all_results: list[ShardResult] = []
     result_files: list[str] = []
     round_shards, round_no = shards, 1
+    # upload -> submit -> wait -> download, round after round of failed lines; not
+    # waiting, the same path stops at the first round with batches still running.
     try:
         while True:
-            if not wait:
-                submitted, queued = submit_round(run, round_shards, round_no, known)
-                seen = {b.id for b in known}
-                known = known + [b for b in submitted if b.id not in seen]
-                running = [b for b in submitted if not b.is_terminal]
-                if running or queued:
-                    name = register_pending(
-                        pending_params, [b.id for b in submitted], queued, round_no
-                    )
-                    logger.info(
-                        "%d batch(es) running, %d shard(s) waiting for a free slot (round "
-                        "%d); not waiting. The kluster-collect-batches flow goes on with this "
-                        "run (pending as %s).",
-                        len(running),
-                        queued,
-                        round_no,
-                        name,
-                    )
-                    return BatchRunResult(
-                        status="pending",
-                        batch_ids=[b.id for b in submitted],
-                        rounds=round_no,
-                        request_counts=summed_counts(submitted),
-                        usage=TokenUsage(),
-                        output_path=str(output),
-                        output_files=[],
-                        error_files=[],
-                        shards=[],
-                    )
-            round_results = run_shards(run, round_shards, round_no, known)
-            all_results += round_results
-            result_files += [p for r in round_results for p in (r.output_file, r.error_file) if p]
-            joined = work / f"round-{round_no}" / "joined.jsonl"
-            retry_ids = work / f"round-{round_no}" / "retry.ids"
-            summary = join_round(shards, result_files, str(joined), str(retry_ids))
-            if summary.retryable == 0 or round_no >= max_attempts:
+            finished, running, queued = run_shards(state, round_shards, round_no, known)
+            seen = {b.id for b in known}
+            known = known + [r.batch for r in finished if r.batch.id not in seen]
+            known = known + [b for b in running if b.id not in seen]
+            if running or queued:
+                return _pending_result(
+                    state, output_path, credentials_block, input_path, source, requests,
+                    output, limits, running, finished, queued, round_no,
+                )  # fmt: skip
+            all_results += finished
+            result_files += [p for r in finished for p in (r.output_file, r.error_file) if p]
+            joined = storage.join(work, f"round-{round_no}", "joined.jsonl")
+            retry_ids = storage.join(work, f"round-{round_no}", "retry.ids")
+            summary = join_round(shards, result_files, joined, retry_ids)
+            if summary.retryable == 0 or round_no >= run.max_attempts:
                 break
             round_no += 1
             round_shards = build_retry_shards(
                 shards,
-                str(retry_ids),
-                str(work / f"round-{round_no}" / "shards"),
-                max_file_bytes,
-                max_requests_per_file,
+                retry_ids,
+                storage.join(work, f"round-{round_no}", "shards"),
+                limits.max_file_bytes,
+                limits.max_requests_per_file,
             )
-            if not resubmit:
+            if not run.resubmit:
                 known = known + find_existing_batches(
                     credentials, since=journal.first_intent_time_any()
                 )
     except BatchWaitTimeout as exc:
         cancelled = cancel_running_batches(credentials, journal.batch_ids())
         raise BatchRunError(
-            f"timed out after {timeout:g} s waiting for batch {exc.batch.id} "
+            f"timed out after {run.timeout:g} s waiting for batch {exc.batch.id} "
             f"({exc.batch.status} {exc.batch.progress}); cancelled {len(cancelled)} running "
             "batch(es). Rerun with the same inputs to collect what finished."
         ) from exc
     finally:
         forget_run()
 
-    _publish_final(output, joined, overwrite)
-    summary.output_path = str(output)
-    if parquet_output is not None:
-        write_parquet(output, parquet_output)
-        summary.parquet_path = str(parquet_output)
+    # fetch: publish the joined output (and its Parquet copy)
+    if not output.overwrite and storage.exists(output_path):
+        raise OutputExistsError(f"{output_path} already exists; pass overwrite=True to replace it")
+    storage.publish(joined, output_path)
+    summary.output_path = output_path
+    if output.parquet:
+        parquet_path = parquet_path_for(output_path)
+        write_parquet(output_path, parquet_path)
+        summary.parquet_path = parquet_path
+    unregister_pending(work)
     last_round = [r.batch for r in all_results if r.round == round_no]
     batches = [r.batch for r in all_results]
     result = BatchRunResult(
@@ -482,7 +428,8 @@ def batch_inference(
         rounds=round_no,
         request_counts=summed_counts(batches),
         usage=summary.usage,
-        output_path=str(output),
+        output_path=output_path,
+        work_dir=work,
         parquet_path=summary.parquet_path,
         output_files=[r.output_file for r in all_results if r.output_file],
         error_files=[r.error_file for r in all_results if r.error_file],
@@ -501,7 +448,7 @@ def batch_inference(
         summary.failed,
         summary.usage.prompt_tokens,
         summary.usage.completion_tokens,
-        output,
+        output_path,
     )
     if result.status != "completed":
         bad = [b for b in last_round if b.status != "completed"]
@@ -513,121 +460,55 @@ def batch_inference(
         raise BatchRunError(
             f"{len(bad)} of {len(last_round)} batch(es) did not complete: {details}. "
             f"{summary.failed} of {summary.requests} requests have no answer; partial "
-            f"results kept in {output}",
+            f"results kept in {output_path}",
             result,
         )
     return result
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.batch_inference",
-        description="Run a kluster.ai batch request JSONL file as a Prefect flow and join the "
-        "results to the requests.",
+def _pending_result(
+    state: _Run,
+    output_path: str,
+    credentials_block: str | None,
+    input_path: str | None,
+    source: str,
+    requests: RequestOptions,
+    output: OutputOptions,
+    limits: Limits,
+    running: list[BatchInfo],
+    finished: list[ShardResult],
+    queued: int,
+    round_no: int,
+) -> BatchRunResult:
+    """Record the run as pending (its parameters in the work directory, a pointer on the
+    Prefect server) and say so; the collector goes on with it from any worker."""
+    parameters = {
+        "input_path": source,
+        "output_path": output_path,
+        "credentials_block": credentials_block,
+        "output": output.model_copy(update={"work_dir": state.work}).model_dump(),
+        "run": state.run.model_copy(update={"run_label": state.nonce}).model_dump(),
+        "limits": limits.model_dump(),
+    }
+    name = register_pending(state.work, parameters, [b.id for b in running], queued, round_no)
+    get_run_logger().info(
+        "%d batch(es) running, %d shard(s) waiting for a free slot (round %d); not waiting. "
+        "The kluster-collect-batches flow goes on with this run (pending as %s).",
+        len(running),
+        queued,
+        round_no,
+        name,
     )
-    parser.add_argument("input", nargs="?", help="batch request JSONL file (path or fsspec URL)")
-    parser.add_argument("-o", "--output", default="results.jsonl", help="joined results JSONL")
-    parser.add_argument("--prompts-file", help="CSV or JSONL of prompts instead of requests")
-    parser.add_argument("--prompt-column", default="text")
-    parser.add_argument("--template", help='str.format template over a prompt row, "Q: {text}"')
-    parser.add_argument("--model", help="model for --prompts-file")
-    parser.add_argument("--system-prompt")
-    parser.add_argument("--max-completion-tokens", type=int)
-    parser.add_argument("--credentials-block", help="name of a saved kluster.ai Credentials block")
-    parser.add_argument("--completion-window", default="24h")
-    parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES)
-    parser.add_argument("--max-requests-per-file", type=int)
-    parser.add_argument("--max-concurrency", type=int, default=4)
-    parser.add_argument("--max-attempts", type=int, default=3, help="rounds for failed lines")
-    parser.add_argument(
-        "--resubmit", action="store_true", help="new batches even if the service has them"
+    batches = running + [r.batch for r in finished]
+    return BatchRunResult(
+        status="pending",
+        batch_ids=[b.id for b in batches],
+        rounds=round_no,
+        request_counts=summed_counts(batches),
+        usage=TokenUsage(),
+        output_path=output_path,
+        work_dir=state.work,
+        output_files=[],
+        error_files=[],
+        shards=[],
     )
-    parser.add_argument(
-        "--poll-interval", type=float, default=10.0, help="seconds between status checks"
-    )
-    parser.add_argument(
-        "--max-poll-interval",
-        type=float,
-        help="longest pause while a batch shows no change (default: 6 x --poll-interval)",
-    )
-    parser.add_argument("--timeout", type=float)
-    parser.add_argument("--check-models", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--parquet", action="store_true")
-    parser.add_argument("--work-dir")
-    parser.add_argument(
-        "--emulator",
-        action="store_true",
-        help="run against an embedded local emulator instead of kluster.ai (offline demo)",
-    )
-    args = parser.parse_args(argv)
-    if (args.input is None) == (args.prompts_file is None):
-        parser.error("give a request file, or --prompts-file with --model")
-    if args.prompts_file and not args.model:
-        parser.error("--prompts-file needs --model")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``kluster-batch``)."""
-    args = _parse_args(argv)
-    with ExitStack() as stack:
-        if args.emulator:
-            from prefect_kluster.emulator import EmulatorConfig, run_emulator
-
-            emu = stack.enter_context(run_emulator(EmulatorConfig()))
-            os.environ["KLUSTER_BASE_URL"] = emu.base_url
-            os.environ["KLUSTER_API_KEY"] = "emulator-key"
-            args.credentials_block = None
-            if args.poll_interval == 10.0:
-                args.poll_interval = 0.5
-            print(f"Using the embedded kluster.ai emulator at {emu.base_url}", flush=True)
-        kwargs: dict[str, Any] = {}
-        if args.prompts_file:
-            kwargs["prompts_path"] = args.prompts_file
-            kwargs["prompt_column"] = args.prompt_column
-            kwargs["template"] = args.template
-            kwargs["model"] = args.model
-            kwargs["system_prompt"] = args.system_prompt
-            if args.max_completion_tokens:
-                kwargs["completion_params"] = {"max_completion_tokens": args.max_completion_tokens}
-        else:
-            kwargs["input_path"] = args.input
-        try:
-            result = batch_inference(
-                output_path=args.output,
-                credentials_block=args.credentials_block,
-                completion_window=args.completion_window,
-                max_file_bytes=args.max_file_bytes,
-                max_requests_per_file=args.max_requests_per_file,
-                max_concurrency=args.max_concurrency,
-                max_attempts=args.max_attempts,
-                resubmit=args.resubmit,
-                poll_interval=args.poll_interval,
-                max_poll_interval=args.max_poll_interval,
-                timeout=args.timeout,
-                check_models=args.check_models,
-                overwrite=args.overwrite,
-                parquet=args.parquet,
-                work_dir=args.work_dir,
-                **kwargs,
-            )
-        except Exception as exc:  # a clear one-line reason, not a traceback
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    print(
-        f"\nBatch {result.status}: {result.summary.requests} requests, "
-        f"{result.summary.succeeded} ok, {result.summary.failed} failed, "
-        f"{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion "
-        f"tokens\nResults: {result.output_path}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    # `python -m flows.batch_inference` from a checkout runs this file as __main__: hand over
-    # to the installed package's copy, so the flow, its hooks and its error types are the
-    # ones every other module uses.
-    from prefect_kluster.flows.batch_inference import main as package_main
-
-    sys.exit(package_main())

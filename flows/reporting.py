@@ -28,8 +28,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.events import emit_event
-from prefect.events.schemas.events import Event
+
+from prefect_kluster.tasks.events import (  # re-exported: the reporting API
+    BATCH_EVENTS,
+    EVENT_PREFIX,
+    batch_event_payload,
+    emit_batch_event,
+)
 from prefect_kluster.tasks.join import JoinSummary
 from prefect_kluster.tasks.types import BatchInfo, ModelInfo
 
@@ -38,10 +43,6 @@ SUMMARY_KEY = "kluster-batch-summary"
 SHARDS_KEY_SUFFIX = "-shards"
 BATCHES_KEY = "kluster-batches"
 MODELS_KEY = "kluster-models"
-EVENT_PREFIX = "kluster.batch"
-# Events the batch flow emits; others are accepted (lower-cased) but these are the contract.
-BATCH_EVENTS = frozenset({"submitted", "completed", "failed", "expired", "cancelled"})
-_MAX_EVENT_ERRORS = 5
 
 _log = logging.getLogger("prefect.kluster.reporting")
 
@@ -58,6 +59,9 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except Exception:
         return _log
+
+
+__all__ = ["BATCH_EVENTS", "EVENT_PREFIX", "batch_event_payload", "emit_batch_event"]
 
 
 def _warn(what: str, exc: BaseException) -> None:
@@ -225,65 +229,6 @@ def publish_run_summary(
         _warn("publish the run summary", exc)
         return None
     return markdown_id, table_id
-
-
-# --- events ---------------------------------------------------------------------------------
-
-
-def batch_event_payload(batch: BatchInfo) -> dict[str, Any]:
-    counts = batch.request_counts
-    payload: dict[str, Any] = {
-        "status": batch.status,
-        "request_counts": {
-            "total": counts.total,
-            "completed": counts.completed,
-            "failed": counts.failed,
-        },
-        "progress": batch.progress,
-        "input_file_id": batch.input_file_id,
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "completion_window": batch.completion_window,
-    }
-    if "shard_index" in batch.metadata:
-        payload["shard_index"] = batch.metadata["shard_index"]
-    if batch.errors:
-        payload["errors"] = batch.errors[:_MAX_EVENT_ERRORS]
-    return payload
-
-
-def emit_batch_event(batch: BatchInfo, event: str) -> Event | None:
-    """Emit ``kluster.batch.<event>`` (submitted, completed, failed, expired, cancelled)
-    about the batch; Prefect relates it to the current flow and task run. Returns the
-    event, or None outside a run."""
-    if not in_run():
-        return None
-    name = f"{EVENT_PREFIX}.{event.strip().lower()}"
-    related = [
-        {
-            "prefect.resource.id": f"kluster.file.{file_id}",
-            "prefect.resource.role": role,
-        }
-        for role, file_id in (
-            ("input-file", batch.input_file_id),
-            ("output-file", batch.output_file_id),
-            ("error-file", batch.error_file_id),
-        )
-        if file_id
-    ]
-    try:
-        return emit_event(
-            event=name,
-            resource={
-                "prefect.resource.id": f"{EVENT_PREFIX}.{batch.id}",
-                "prefect.resource.name": batch.id,
-            },
-            related=related or None,
-            payload=batch_event_payload(batch),
-        )
-    except Exception as exc:
-        _warn(f"emit {name}", exc)
-        return None
 
 
 # --- tables for the list flows ----------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import uuid
 from array import array
 from bisect import bisect_right
 from collections import deque
@@ -20,7 +21,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
@@ -28,7 +28,9 @@ import msgspec
 import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
+
 from prefect_kluster.tasks import _lines as line_work
+from prefect_kluster.tasks import storage
 from prefect_kluster.tasks._lines import Helper, ModelNotAllowed, check_requests, read_blocks
 from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
@@ -59,10 +61,7 @@ class RequestFileError(ValueError):
 
 def open_source(source: str | os.PathLike[str]) -> BinaryIO:
     """Open a local path or any fsspec URL (s3://, gs://, https://, memory://...) as bytes."""
-    text = os.fspath(source)
-    if "://" not in text:
-        return open(text, "rb")  # noqa: SIM115 - the caller closes it
-    return fsspec.open(text, "rb").open()
+    return storage.open_file(os.fspath(source))
 
 
 def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
@@ -90,7 +89,7 @@ _PENDING_WRITES = 4
 class _ShardFiles:
     """The open shard's files and hash; used only from the writer's helper thread."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.file: BinaryIO | None = None
         self.ids: BinaryIO | None = None
@@ -98,8 +97,13 @@ class _ShardFiles:
         self.shards: list[Shard] = []
 
     def open(self, index: int) -> None:
-        self.file = open(self.out_dir / f"part-{index:05d}.jsonl.tmp", "wb")  # noqa: SIM115
-        self.ids = open(self.out_dir / f"part-{index:05d}.ids.tmp", "wb")  # noqa: SIM115
+        # Written under temporary names, published whole (local disk or object store).
+        self._tmp = [
+            storage.join(self.out_dir, f"part-{index:05d}.{kind}.{uuid.uuid4().hex[:8]}.tmp")
+            for kind in ("jsonl", "ids")
+        ]
+        self.file = storage.open_file(self._tmp[0], "wb")
+        self.ids = storage.open_file(self._tmp[1], "wb")
         self.hash = hashlib.sha256()
 
     def write(self, data: bytes, ids: bytes) -> None:
@@ -115,10 +119,10 @@ class _ShardFiles:
         digest = self.hash.hexdigest()
         # The content hash is in the name: the same shard always has the same identity.
         stem = f"shard-{index:05d}-{digest[:16]}"
-        path = self.out_dir / f"{stem}.jsonl"
-        ids_path = self.out_dir / f"{stem}.ids"
-        os.replace(self.file.name, path)
-        os.replace(self.ids.name, ids_path)
+        path = storage.join(self.out_dir, f"{stem}.jsonl")
+        ids_path = storage.join(self.out_dir, f"{stem}.ids")
+        storage.publish(self._tmp[0], path)
+        storage.publish(self._tmp[1], ids_path)
         self.shards.append(
             Shard(
                 index=index,
@@ -136,10 +140,11 @@ class _ShardFiles:
         for f in (self.file, self.ids):
             if f is not None:
                 f.close()
-                Path(f.name).unlink(missing_ok=True)
+        for tmp in getattr(self, "_tmp", []):
+            storage.remove(tmp)
         for shard in self.shards:
-            Path(shard.path).unlink(missing_ok=True)
-            Path(shard.ids_path).unlink(missing_ok=True)
+            storage.remove(shard.path)
+            storage.remove(shard.ids_path)
         self.file = self.ids = None
         self.shards = []
 
@@ -151,7 +156,7 @@ class _ShardWriter:
     in the same order, at most ``_PENDING_WRITES`` pieces behind.
     """
 
-    def __init__(self, out_dir: Path, max_bytes: int, max_lines: int | None):
+    def __init__(self, out_dir: str, max_bytes: int, max_lines: int | None):
         self.max_bytes = max_bytes
         self.max_lines = max_lines
         self._files = _ShardFiles(out_dir)
@@ -453,8 +458,8 @@ def shard_request_file(
     if max_requests_per_file is not None and max_requests_per_file <= 0:
         raise ValueError("max_requests_per_file must be positive")
     models = frozenset(allowed_models) if allowed_models is not None else None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out_dir)
+    storage.makedirs(out)
     name = os.fspath(source)
     writer = _ShardWriter(out, max_file_bytes, max_requests_per_file)
     run = _Sharding(name, writer, max_file_bytes, models)
@@ -519,16 +524,12 @@ def read_prompts(
 
 def write_request_lines(requests: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
     """Write request dicts as JSONL (atomically: a crash leaves no half file). Returns lines."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
     encoder = msgspec.json.Encoder()
     count = 0
-    with open(tmp, "wb") as handle:
+    with storage.published(os.fspath(path)) as handle:
         for request in requests:
             handle.write(encoder.encode(request) + b"\n")
             count += 1
-    os.replace(tmp, target)
     return count
 
 
@@ -574,11 +575,11 @@ def validate_and_shard(
     allowed_models: list[str] | None = None,
 ) -> list[Shard]:
     """Validate a request file and split it into shards that fit the service's limits."""
-    target = Path(out_dir)
-    for stale in [*target.glob("shard-*"), *target.glob("part-*")]:
-        stale.unlink()
+    for stale in storage.listdir(out_dir):
+        if storage.basename(stale).startswith(("shard-", "part-")):
+            storage.remove(stale)
     shards = shard_request_file(
-        source, target, max_file_bytes, max_requests_per_file, allowed_models
+        source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
     )
     get_run_logger().info(
         "Validated %d request lines into %d shard(s)", sum(s.lines for s in shards), len(shards)

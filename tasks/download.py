@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from prefect import task
 from prefect.logging import get_run_logger
+
 from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks import storage
 from prefect_kluster.tasks.retry import RETRY_OPTIONS
 from prefect_kluster.tasks.types import BatchInfo
 
 CHUNK_BYTES = 1 << 20
 
 
-def stream_file_to(credentials: KlusterCredentials, file_id: str, path: str | Path) -> int:
-    """Stream a file's content to ``path`` through a temporary file; returns bytes written.
+def stream_file_to(credentials: KlusterCredentials, file_id: str, path: str) -> int:
+    """Stream a file's content to ``path`` (a local path or fsspec URL) under a temporary
+    name, published when complete; returns bytes written.
 
-    A crash mid-download leaves only the ``.part`` file, never a truncated ``path``.
+    A crash mid-download leaves only the temporary object, never a truncated ``path``.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
     written = 0
     with credentials.get_client() as client:
         with client.files.with_streaming_response.content(file_id) as response:
-            with open(part, "wb") as handle:
+            with storage.published(str(path)) as handle:
                 for chunk in response.iter_bytes(CHUNK_BYTES):
                     handle.write(chunk)
                     written += len(chunk)
-    os.replace(part, target)
     return written
 
 
@@ -56,8 +52,8 @@ def download_batch_results(
         if not file_id:
             paths.append(None)
             continue
-        path = Path(out_dir) / f"{batch.id}.{kind}.jsonl"
+        path = storage.join(out_dir, f"{batch.id}.{kind}.jsonl")
         size = stream_file_to(credentials, file_id, path)
         logger.info("Downloaded %s file %s (%d bytes) to %s", kind, file_id, size, path)
-        paths.append(str(path))
+        paths.append(path)
     return paths[0], paths[1]

@@ -12,6 +12,9 @@ input order, as they usually do, the reads are sequential.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
 from array import array
 from bisect import bisect_right
 from collections import deque
@@ -25,9 +28,11 @@ import msgspec
 import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
 
 # to_joined, is_transient_failure and the codes are defined in tasks._lines, which imports no
 # Prefect, so that the join's helper process can run them; they are this module's API too.
+from prefect_kluster.tasks import storage
 from prefect_kluster.tasks._lines import (
     NOT_PROCESSED,
     OK,
@@ -49,7 +54,6 @@ from prefect_kluster.tasks.schema import (
     result_decoder,
 )
 from prefect_kluster.tasks.types import Shard, TokenUsage
-from pydantic import BaseModel, Field
 
 CHUNK_LINES = 65536
 __all__ = [
@@ -181,7 +185,7 @@ class _ResultIndex:
         pending: deque[tuple[int, JoinedBlock | _Pending]] = deque()
         try:
             for file_no, path in enumerate(self.paths):
-                with open(path, "rb") as handle:
+                with storage.open_file(path) as handle:
                     for offset, data in read_blocks(handle):
                         if (
                             helper is not None
@@ -216,7 +220,7 @@ class _ResultIndex:
     ) -> ResultFileError:
         """The error for the first line of a block that has no readable custom_id."""
         path = self.paths[file_no]
-        with open(path, "rb") as handle:
+        with storage.open_file(path) as handle:
             before = sum(chunk.count(b"\n") for chunk in _chunks(handle, offset))
         for number, line in enumerate(split_lines(data), start=before + 1):
             if not line.strip():
@@ -251,8 +255,9 @@ class _ResultIndex:
                     except ValueError:
                         block = None
                 if block is None:
-                    with open(self.paths[item.file_no], "rb") as handle:
-                        data = os.pread(handle.fileno(), item.size, item.offset)
+                    with storage.open_file(self.paths[item.file_no]) as handle:
+                        handle.seek(item.offset)
+                        data = handle.read(item.size)
                     block = self._join_here(data, item.file_no, item.offset)
                     start = block.start
                 else:
@@ -369,20 +374,21 @@ class _ParquetSink:
         "error_status_code",
     )
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self._pa = pa
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        self._handle = storage.open_file(self.tmp, "wb")
         self.schema = pa.schema(
             [
                 (c, pa.int64() if c.endswith(("tokens", "status_code")) else pa.string())
                 for c in self.COLUMNS
             ]
         )
-        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.writer = pq.ParquetWriter(self._handle, self.schema)
         self.rows: dict[str, list[Any]] = {c: [] for c in self.COLUMNS}
 
     def add(self, line: JoinedLine) -> None:
@@ -413,10 +419,11 @@ class _ParquetSink:
     def close(self, keep: bool) -> None:
         self.flush()
         self.writer.close()
+        self._handle.close()
         if keep:
-            os.replace(self.tmp, self.path)
+            storage.publish(self.tmp, self.path)
         else:
-            self.tmp.unlink(missing_ok=True)
+            storage.remove(self.tmp)
 
 
 def _chunks(handle: BinaryIO, limit: int) -> Iterator[bytes]:
@@ -429,7 +436,7 @@ def _chunks(handle: BinaryIO, limit: int) -> Iterator[bytes]:
 def _last_line_of(path: str, custom_id: str) -> int | None:
     """The number of the last line of ``path`` whose custom_id is ``custom_id``."""
     found = None
-    with open(path, "rb") as handle:
+    with storage.open_file(path) as handle:
         for number, line in enumerate(handle, start=1):
             try:
                 if custom_id_decoder.decode(line).custom_id == custom_id:
@@ -451,7 +458,7 @@ def _read_ids(path: str) -> Iterator[tuple[list[bytes], list[str] | None]]:
     """A shard's custom_ids in order, a window at a time, as canonical JSON strings (what
     msgspec encodes), with the decoded ids when they had to be decoded to get those."""
     decode, encode = msgspec.json.decode, msgspec.json.encode
-    with open(path, "rb") as handle:
+    with storage.open_file(path) as handle:
         for _, block in read_blocks(handle, _WINDOW_BYTES):
             lines = split_lines(block)
             if _canonical(block):
@@ -623,31 +630,35 @@ def join_result_files(
     output is refused unless ``overwrite``. ``retry_ids_path``, if given, receives the
     custom_ids whose failure was transient, one JSON string per line.
     """
-    target = Path(output_path)
-    parquet_target = target.with_suffix(".parquet") if parquet else None
+    target = os.fspath(output_path)
+    parquet_target = parquet_path_for(target) if parquet else None
     for existing in (target, parquet_target):
-        if existing is not None and existing.exists() and not overwrite:
+        if existing is not None and not overwrite and storage.exists(existing):
             raise OutputExistsError(
                 f"{existing} already exists; pass overwrite=True (--overwrite) to replace it"
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
+    # The index's scratch files need random access: beside a local output, else in a
+    # temporary folder removed at the end.
+    local = storage.local_path(target)
+    scratch_dir = None if local is not None else tempfile.mkdtemp(prefix="kluster-join-")
+    scratch = Path(local) if local is not None else Path(scratch_dir) / "join"
     sink = None
-    summary = JoinSummary(output_path=str(target))
+    summary = JoinSummary(output_path=target)
     retry_handle = None
     index = None
     done = False
     try:
-        index = _ResultIndex(result_paths, target)
+        index = _ResultIndex(result_paths, scratch)
         sink = _ParquetSink(parquet_target) if parquet_target is not None else None
-        retry_handle = open(retry_ids_path, "wb") if retry_ids_path else None  # noqa: SIM115
-        with open(tmp, "wb") as handle:
+        retry_handle = (
+            storage.open_file(os.fspath(retry_ids_path), "wb") if retry_ids_path else None
+        )
+        with storage.published(target) as handle:
             out = _Writer(handle)
             try:
                 _join_all(shards, index, out, sink, retry_handle, summary)
             finally:
                 out.close()
-        os.replace(tmp, target)
         done = True
     finally:
         if index is not None:
@@ -657,9 +668,17 @@ def join_result_files(
         if sink is not None:
             sink.close(keep=done)
             if done:
-                summary.parquet_path = str(parquet_target)
-        tmp.unlink(missing_ok=True)
+                summary.parquet_path = parquet_target
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
     return summary
+
+
+def parquet_path_for(output_path: str) -> str:
+    """The Parquet copy's path: the output's, with ``.parquet`` for its extension."""
+    name = storage.basename(output_path)
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return storage.join(storage.parent(output_path), f"{stem}.parquet")
 
 
 @task(name="join-results")

@@ -1,49 +1,57 @@
-"""A local, append-only record of intent before each paid call.
+"""The run's record of intent before each paid call, kept in its work directory.
 
-Before an upload or a batch create, the journal gets an ``*_intent`` line; after it, the
+Before an upload or a batch create, the journal gets an ``*_intent`` record; after it, the
 id. A run that dies between the two still knows what it may have paid for, and a rerun
-looks the batch up on the service (by the shard key in its metadata) instead of paying
-again. The service stays the source of truth: the journal only narrows the search.
+(on any machine that reaches the work directory) looks the batch up on the service (by
+the shard key in its metadata) instead of paying again. The service stays the source of
+truth: the journal only narrows the search.
+
+Object stores have no append, so each record is an object of its own, written once:
+``<state dir>/<shard key>/<time ns>-<event>-<random>.json``. Reading a shard's records
+lists its folder only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
-from pathlib import Path
+import uuid
 from typing import Any
 
-_lock = threading.Lock()
+from prefect_kluster.tasks import storage
+
+
+def _folder(key: str) -> str:
+    return key.replace(":", "_").replace("/", "_")
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+    def __init__(self, state_dir: str):
+        self.state_dir = str(state_dir)
 
     def record(self, event: str, key: str, **fields: Any) -> None:
-        """Append one event and force it to disk before the caller goes on."""
-        line = json.dumps({"event": event, "key": key, "at": time.time(), **fields})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Write one record; it is durable when this returns."""
+        at = time.time()
+        body = json.dumps({"event": event, "key": key, "at": at, **fields}).encode()
+        name = f"{time.time_ns():020d}-{event}-{uuid.uuid4().hex[:8]}.json"
+        storage.create_once(storage.join(self.state_dir, _folder(key), name), body)
+
+    def _read(self, paths: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for _, raw in sorted(storage.read_many(paths).items()):
+            try:
+                out.append(json.loads(raw))
+            except ValueError:  # never written whole; skip it
+                continue
+        return out
 
     def events(self, key: str | None = None) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out = []
-        with _lock, open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-                if key is None or event.get("key") == key:
-                    out.append(event)
-        return out
+        if key is not None:
+            return self._read(storage.listdir(storage.join(self.state_dir, _folder(key))))
+        paths = [p for folder in storage.listdir(self.state_dir) for p in storage.listdir(folder)]
+        events = self._read(paths)
+        events.sort(key=lambda e: e.get("at", 0))
+        return events
 
     def latest(self, key: str, field: str) -> Any:
         for event in reversed(self.events(key)):

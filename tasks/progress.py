@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+
+from prefect_kluster.tasks.events import emit_batch_event
 from prefect_kluster.tasks.types import BatchInfo, RequestCounts
 
 _lock = threading.Lock()
@@ -61,10 +63,6 @@ def summed_counts(batches: object) -> RequestCounts:
 
 def announce_batch(batch: BatchInfo, event: str) -> None:
     """Emit the ``kluster.batch.<event>`` Prefect event (a no-op outside a run)."""
-    from prefect_kluster.flows.reporting import (
-        emit_batch_event,  # imported late: flows import tasks
-    )
-
     emit_batch_event(batch, event)
 
 

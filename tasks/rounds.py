@@ -3,11 +3,11 @@ for a transient reason (429, 5xx, timeouts) or never ran (expired, cancelled, fa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 from prefect import task
 from prefect.logging import get_run_logger
+
+from prefect_kluster.tasks import storage
 from prefect_kluster.tasks.build import shard_request_file
 from prefect_kluster.tasks.join import JoinSummary, _ParquetSink, join_result_files
 from prefect_kluster.tasks.schema import JoinedLine
@@ -41,35 +41,32 @@ def build_retry_shards(
     max_requests_per_file: int | None,
 ) -> list[Shard]:
     """The original request lines of every custom_id in ``retry_ids_path``, re-sharded."""
-    with open(retry_ids_path, "rb") as handle:
+    with storage.open_file(retry_ids_path) as handle:
         wanted = {msgspec.json.decode(line) for line in handle}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    requests_path = out / "requests.jsonl"
-    tmp = requests_path.with_name(requests_path.name + ".tmp")
+    requests_path = storage.join(out_dir, "requests.jsonl")
     kept = 0
-    with open(tmp, "wb") as dest:
+    with storage.published(requests_path) as dest:
         for shard in shards:
-            with open(shard.path, "rb") as lines, open(shard.ids_path, "rb") as ids:
+            with storage.open_file(shard.path) as lines, storage.open_file(shard.ids_path) as ids:
                 for line, custom_id in zip(lines, ids, strict=True):
                     if msgspec.json.decode(custom_id) in wanted:
                         dest.write(line)
                         kept += 1
-    tmp.replace(requests_path)
-    for stale in out.glob("shard-*"):
-        stale.unlink()
-    retry = shard_request_file(requests_path, out, max_file_bytes, max_requests_per_file)
+    for stale in storage.listdir(out_dir):
+        if storage.basename(stale).startswith("shard-"):
+            storage.remove(stale)
+    retry = shard_request_file(requests_path, out_dir, max_file_bytes, max_requests_per_file)
     get_run_logger().info("Next round: %d request(s) in %d shard(s)", kept, len(retry))
     return retry
 
 
-def write_parquet(joined_path: str | Path, parquet_path: str | Path) -> None:
+def write_parquet(joined_path: str, parquet_path: str) -> None:
     """A Parquet copy of a joined results file, written in row groups (needs pyarrow)."""
     decoder = msgspec.json.Decoder(JoinedLine)
-    sink = _ParquetSink(Path(parquet_path))
+    sink = _ParquetSink(parquet_path)
     done = False
     try:
-        with open(joined_path, "rb") as handle:
+        with storage.open_file(joined_path) as handle:
             for line in handle:
                 sink.add(decoder.decode(line))
         done = True

@@ -15,13 +15,16 @@ from collections.abc import Iterator
 from openai import OpenAI
 from prefect import task
 from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
 from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks import claims
 from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.listing import bounded
 from prefect_kluster.tasks.progress import announce_batch
 from prefect_kluster.tasks.retry import RETRY_OPTIONS, is_transient_error
 from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL
 from prefect_kluster.tasks.types import BatchInfo, Shard
-from pydantic import BaseModel
 
 SHA_KEY = "kluster_shard_sha256"
 ROUND_KEY = "kluster_round"
@@ -61,10 +64,8 @@ def matches(batch: BatchInfo, identity: dict[str, str]) -> bool:
 def scan_batches(
     client: OpenAI, since: float | None = None, max_scan: int = MAX_SCAN
 ) -> Iterator[BatchInfo]:
-    """Batches newest first, following pages, back to ``since`` (epoch seconds)."""
-    for n, raw in enumerate(client.batches.list(limit=100)):
-        if n >= max_scan:
-            return
+    """Batches newest first, following pages (a bounded walk), back to ``since``."""
+    for raw in bounded(client.batches.list(limit=100), "batch", max_scan):
         batch = BatchInfo.from_sdk(raw)
         if since is not None and batch.created_at and batch.created_at.timestamp() < since:
             return
@@ -90,7 +91,8 @@ def find_existing_batches(
     return found
 
 
-def _find_after_intent(client: OpenAI, identity: dict[str, str], since: float) -> BatchInfo | None:
+def find_batch(client: OpenAI, identity: dict[str, str], since: float) -> BatchInfo | None:
+    """The shard's reusable batch made since ``since`` (allowing for clock skew), if any."""
     for batch in scan_batches(client, since - 120):
         if matches(batch, identity) and reusable(batch):
             return batch
@@ -101,22 +103,36 @@ def _find_after_intent(client: OpenAI, identity: dict[str, str], since: float) -
 def submit_shard(
     credentials: KlusterCredentials,
     upload: ShardUpload,
-    journal_path: str,
+    state_dir: str,
     completion_window: str = "24h",
     metadata: dict[str, str] | None = None,
 ) -> BatchInfo:
-    """Create the shard's batch unless it exists; record the intent first."""
+    """Create the shard's batch unless it exists; record the intent first. Releases the
+    shard's claim (taken by ``upload_shard``) once the batch is recorded, or on failure."""
     if upload.batch is not None:
         return upload.batch
     assert upload.file_id is not None
-    journal = Journal(journal_path)
+    try:
+        return _create_recorded(credentials, upload, state_dir, completion_window, metadata)
+    finally:
+        claims.release(upload.key)
+
+
+def _create_recorded(
+    credentials: KlusterCredentials,
+    upload: ShardUpload,
+    state_dir: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+) -> BatchInfo:
+    journal = Journal(state_dir)
     logger = get_run_logger()
     with credentials.get_client() as client:
         since = journal.first_intent_time(upload.key)
         if since is not None and any(
             e["event"] == "submit_intent" for e in journal.events(upload.key)
         ):
-            found = _find_after_intent(client, upload.identity, since)
+            found = find_batch(client, upload.identity, since)
             if found is not None:
                 logger.info("Found batch %s from an earlier attempt", found.id)
                 journal.record(
@@ -137,7 +153,7 @@ def submit_shard(
             except Exception as exc:
                 if not is_transient_error(exc) or attempt == CREATE_ATTEMPTS:
                     raise
-                found = _find_after_intent(client, upload.identity, started)
+                found = find_batch(client, upload.identity, started)
                 if found is not None:
                     info = found
                     break

@@ -1,0 +1,91 @@
+"""Pending runs (``wait=False``): the state in the work directory, a pointer on the server.
+
+A run that does not wait writes what a collector needs (its parameters, the batch ids of
+its pending round, how many shards wait for a slot) into its work directory, as a
+write-once object per registration, and leaves on the Prefect server only a Variable
+``kluster_pending_<hash of the work dir>`` that points there. Any worker that reaches the
+work directory can finish the run; the Variable stays far below Prefect's 5,000-character
+limit however many batches the run has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.variables import Variable
+
+from prefect_kluster.tasks import storage
+
+PENDING_PREFIX = "kluster_pending_"
+_PAGE = 200  # the server's default page size for variables
+
+
+def pending_name(work_dir: str) -> str:
+    digest = hashlib.sha256(storage.normalise(work_dir).encode()).hexdigest()[:24]
+    return f"{PENDING_PREFIX}{digest}"
+
+
+def _records_dir(work_dir: str) -> str:
+    return storage.join(work_dir, "pending")
+
+
+def register_pending(
+    work_dir: str,
+    parameters: dict[str, Any],
+    batch_ids: list[str],
+    queued: int = 0,
+    round_no: int = 1,
+) -> str:
+    """Record (or refresh) a pending run; returns its Variable's name."""
+    record = {
+        "parameters": parameters,
+        "batch_ids": batch_ids,
+        "queued": queued,
+        "round": round_no,
+        "registered_at": time.time(),
+    }
+    path = storage.join(_records_dir(work_dir), f"{time.time_ns():020d}.json")
+    storage.create_once(path, json.dumps(record).encode())
+    name = pending_name(work_dir)
+    Variable.set(
+        name, {"work_dir": work_dir, "registered_at": record["registered_at"]}, overwrite=True
+    )
+    return name
+
+
+def read_pending(work_dir: str) -> dict[str, Any] | None:
+    """The run's newest pending record, from its work directory (None if it has none)."""
+    records = storage.listdir(_records_dir(work_dir))
+    if not records:
+        return None
+    return json.loads(storage.read_bytes(records[-1]))
+
+
+def unregister_pending(work_dir: str) -> None:
+    """The run is finished: drop its pointer and its pending records."""
+    name = pending_name(work_dir)
+    if Variable.get(name) is not None:
+        Variable.unset(name)
+    storage.remove_tree(_records_dir(work_dir))
+
+
+def list_pending() -> dict[str, dict[str, Any]]:
+    """Every pending run's pointer on the server, by Variable name (all pages)."""
+    body: dict[str, Any] = {"variables": {"name": {"like_": f"{PENDING_PREFIX}%"}}}
+    found: dict[str, dict[str, Any]] = {}
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            page = client.request(
+                "POST", "/variables/filter", json={**body, "offset": offset, "limit": _PAGE}
+            ).json()
+            for variable in page:
+                if variable["name"].startswith(PENDING_PREFIX):
+                    found[variable["name"]] = variable["value"]
+            if len(page) < _PAGE:
+                return found
+            offset += len(page)
