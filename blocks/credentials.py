@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 from openai import OpenAI
-from prefect.blocks.core import Block
+from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr
 
 DEFAULT_BASE_URL = "https://api.kluster.ai/v1"
 
 
-class KlusterCredentials(Block):
+class KlusterCredentials(CredentialsBlock):
     """Credentials and connection settings for the kluster.ai Batch API.
 
     The API key is a ``SecretStr``: Prefect stores it encrypted and shows it masked,
     and it never appears in this block's repr.
 
-    Example:
-        Save once, then load by name in any flow::
+    Attributes:
+        api_key: The kluster.ai API key.
+        base_url: Base URL of the OpenAI-compatible API.
+        timeout: Seconds before a single HTTP request times out.
+        max_retries: Retries the openai SDK makes itself on transient errors.
 
-            from prefect_kluster.blocks import KlusterCredentials
+    Examples:
+        Load stored kluster.ai credentials:
+        ```python
+        from prefect_kluster import KlusterCredentials
 
-            KlusterCredentials(api_key="...").save("kluster", overwrite=True)
-            client = KlusterCredentials.load("kluster").get_client()
+        kluster_credentials = KlusterCredentials.load("BLOCK_NAME")
+        ```
+
+        Save credentials once, then get an openai client for kluster.ai in any flow:
+        ```python
+        from prefect_kluster import KlusterCredentials
+
+        KlusterCredentials(api_key="...").save("BLOCK_NAME", overwrite=True)
+        client = KlusterCredentials.load("BLOCK_NAME").get_client()
+        models = client.models.list()
+        ```
     """
 
     _block_type_name = "kluster.ai Credentials"
@@ -30,9 +45,10 @@ class KlusterCredentials(Block):
     _description = "API key and endpoint for kluster.ai batch inference (OpenAI-compatible)."
     _documentation_url = "https://docs.kluster.ai/"
 
-    api_key: SecretStr = Field(description="kluster.ai API key.")
+    api_key: SecretStr = Field(title="API Key", description="The kluster.ai API key.")
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
+        title="Base URL",
         description="Base URL of the OpenAI-compatible API, ending in /v1.",
     )
     timeout: float = Field(
@@ -45,7 +61,7 @@ class KlusterCredentials(Block):
     )
 
     def get_client(self) -> OpenAI:
-        """Return an openai client configured for kluster.ai."""
+        """Return an openai client configured for kluster.ai (the only HTTP client used)."""
         return OpenAI(
             api_key=self.api_key.get_secret_value(),
             base_url=self.base_url,

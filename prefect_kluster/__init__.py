@@ -15,10 +15,29 @@ from prefect_kluster.flows import (
     list_batches_flow,
     list_models_flow,
 )
+from prefect_kluster.flows.jobs import (
+    KlusterBatchJob,
+    KlusterBatchJobCancelled,
+    KlusterBatchJobError,
+    KlusterBatchJobExpired,
+    KlusterBatchJobFailed,
+    KlusterBatchJobIncomplete,
+    KlusterBatchJobRun,
+    KlusterBatchJobTimedOut,
+    run_kluster_batch_job,
+)
 
 __all__ = [
     "BatchRunError",
     "BatchRunResult",
+    "KlusterBatchJob",
+    "KlusterBatchJobCancelled",
+    "KlusterBatchJobError",
+    "KlusterBatchJobExpired",
+    "KlusterBatchJobFailed",
+    "KlusterBatchJobIncomplete",
+    "KlusterBatchJobRun",
+    "KlusterBatchJobTimedOut",
     "KlusterCredentials",
     "KlusterSettings",
     "MissingCredentialsError",
@@ -27,4 +46,5 @@ __all__ = [
     "collect_batches",
     "list_batches_flow",
     "list_models_flow",
+    "run_kluster_batch_job",
 ]
