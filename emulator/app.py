@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # pragma: no cover - older python-multipart
     )
 
 from .config import EmulatorConfig
+from .pricing import extended_model
 from .state import BatchRecord, FileRecord, Store, new_id, window_seconds
 from .worker import CHAT_URL, start_worker
 
@@ -273,6 +274,14 @@ def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     }
 
 
+def _list_page(items: list[dict[str, Any]], has_more: bool, ignore_after: str | None) -> dict:
+    """A list page; with ``ignore_after`` set, the broken paging of that option."""
+    page = _page(items, has_more or ignore_after == "has_more")
+    if ignore_after == "no_has_more":
+        del page["has_more"]
+    return page
+
+
 def _after(records: list[Any], after: str | None) -> list[Any]:
     if after is None:
         return records
@@ -342,11 +351,15 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
 
     # --- models ---
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(extended: str | None = None) -> dict[str, Any]:
+        cfg = store.config
         data = [
             {"id": m, "object": "model", "created": MODEL_CREATED, "owned_by": m.split("/")[0]}
-            for m in store.config.models
+            for m in cfg.models
         ]
+        if (extended or "").lower() in ("true", "1") and not cfg.pricing_unavailable:
+            for entry in data:
+                entry.update(extended_model(entry["id"]))
         return {"object": "list", "data": data}
 
     # --- files ---
@@ -369,8 +382,13 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             records = sorted(store.files.values(), key=lambda f: f.seq, reverse=order == "desc")
         if purpose is not None:
             records = [f for f in records if f.purpose == purpose]
-        records = _after(records, after)
-        return _page([store.render_file(f) for f in records[:limit]], len(records) > limit)
+        if store.config.ignore_after is None:
+            records = _after(records, after)
+        return _list_page(
+            [store.render_file(f) for f in records[:limit]],
+            len(records) > limit,
+            store.config.ignore_after,
+        )
 
     @app.get("/v1/files/{id}")
     async def retrieve_file(id: str) -> dict[str, Any]:
@@ -435,8 +453,13 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             raise ApiError(400, "limit must be between 1 and 100.")
         with store.lock:
             records = sorted(store.batches.values(), key=lambda b: b.seq, reverse=True)
-        records = _after(records, after)
-        page = _page([store.render_batch(b) for b in records[:limit]], len(records) > limit)
+        if store.config.ignore_after is None:
+            records = _after(records, after)
+        page = _list_page(
+            [store.render_batch(b) for b in records[:limit]],
+            len(records) > limit,
+            store.config.ignore_after,
+        )
         if store.config.list_extras:
             page.update(
                 count=len(page["data"]),

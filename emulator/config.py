@@ -6,6 +6,8 @@ exact behaviour they exercise and the CLI can expose each one as a flag.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODELS: tuple[str, ...] = (
@@ -84,6 +86,21 @@ class EmulatorConfig(BaseModel):
     )
     internal_filenames: bool = Field(
         default=False, description="Stored filename is an internal path, not the uploaded name."
+    )
+    pricing_unavailable: bool = Field(
+        default=False,
+        description=(
+            "GET /v1/models?extended=true answers the plain listing, without limits or"
+            " pricing (as a service that no longer knows 'extended' would)."
+        ),
+    )
+    ignore_after: Literal["has_more", "no_has_more"] | None = Field(
+        default=None,
+        description=(
+            "Batch and file lists ignore 'after' and always answer the first page, with"
+            " has_more true ('has_more') or with no has_more key ('no_has_more'); either"
+            " makes a naive SDK list iterator loop forever."
+        ),
     )
 
     # --- fault injection on /v1 --------------------------------------------------------------

@@ -1,15 +1,42 @@
 """Deterministic stand-in for a model: input line in, output (or error) line out.
 
 The reply depends only on the request, so tests can predict output lines exactly.
+
+Token counts are a real tokenizer's, so that cost estimates can be checked against them:
+text is counted with Llama 3's BPE (Qwen models: Qwen's), whose vocabularies ship inside
+the ``quicktok`` package (no download at run time). Around the text, a chat template's
+tokens: ``PER_REQUEST_TOKENS`` once and ``PER_MESSAGE_TOKENS`` per message (Llama 3's
+template: begin-of-text and the assistant header; a header and end-of-turn per message),
+and ``IMAGE_TOKENS`` per image part (Qwen2.5-VL: one token per 28x28 pixels, so a
+1008x1008 image). A reply is cut to the line's ``max_completion_tokens`` (else
+``max_tokens``) tokens, so completion tokens never exceed the limit a line sets.
 """
 
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from typing import Any
+
+import quicktok
 
 REPLY_PREFIX = "[kluster.ai emulator]"
 SNIPPET_CHARS = 200
+PER_REQUEST_TOKENS = 5
+PER_MESSAGE_TOKENS = 5
+IMAGE_TOKENS = 1296
+
+
+@cache
+def _encoding(model: str) -> quicktok.Tokenizer:
+    return quicktok.get_encoding("qwen3" if "qwen" in model.lower() else "llama3")
+
+
+def count_tokens(model: str, text: str) -> int:
+    """Tokens of ``text`` (special-token names count as plain text) for ``model``."""
+    return _encoding(model).count(text) if text else 0
+
+
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
 
@@ -23,12 +50,13 @@ def transient_fault(custom_id: str, seed: int, rate: float, forced: frozenset[st
     return int.from_bytes(digest, "big") / 2**64 < rate
 
 
-def _text_and_images(content: Any) -> tuple[str, int]:
-    """Text of one message's content (plain string or list of parts) and its image count."""
+def _text_and_images(content: Any) -> tuple[list[str], int]:
+    """Text parts of one message's content (plain string or list of parts) and its image
+    count."""
     if isinstance(content, str):
-        return content, 0
+        return [content], 0
     if not isinstance(content, list):
-        return "", 0
+        return [], 0
     texts: list[str] = []
     images = 0
     for part in content:
@@ -39,25 +67,47 @@ def _text_and_images(content: Any) -> tuple[str, int]:
             texts.append(part["text"])
         elif kind == "image_url":
             images += 1
-    return " ".join(texts), images
+    return texts, images
+
+
+def prompt_tokens_of(model: str, messages: list[Any]) -> int:
+    """The prompt tokens the emulator bills for ``messages`` (see the module docstring)."""
+    tokens = PER_REQUEST_TOKENS
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        texts, images = _text_and_images(message.get("content"))
+        tokens += PER_MESSAGE_TOKENS + images * IMAGE_TOKENS
+        tokens += sum(count_tokens(model, text) for text in texts)
+    return tokens
 
 
 def build_reply(model: str, messages: list[Any]) -> tuple[str, int]:
-    """Reply text and prompt token count (whitespace words of every message text)."""
-    prompt_tokens = 0
+    """Reply text and prompt token count."""
     last_user = ""
     last_images = 0
     for message in messages:
         if not isinstance(message, dict):
             continue
-        text, images = _text_and_images(message.get("content"))
-        prompt_tokens += len(text.split())
+        texts, images = _text_and_images(message.get("content"))
         if message.get("role") == "user":
-            last_user, last_images = text, images
+            last_user, last_images = " ".join(texts), images
     reply = f"{REPLY_PREFIX} {model} reply to: {last_user[:SNIPPET_CHARS]}"
     if last_images:
         reply += f" [{last_images} image{'s' if last_images != 1 else ''}]"
-    return reply, prompt_tokens
+    return reply, prompt_tokens_of(model, messages)
+
+
+def cut_reply(model: str, reply: str, limit: Any) -> tuple[str, int, str]:
+    """The reply cut to ``limit`` tokens (if an int below its length): (text, completion
+    tokens, finish_reason)."""
+    encoding = _encoding(model)
+    ids = encoding.encode_ordinary(reply)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(ids):
+        ids = ids[:limit]
+        text = encoding.decode_bytes(ids).decode("utf-8", "ignore") if ids else ""
+        return text, len(ids), "length"
+    return reply, len(ids), "stop"
 
 
 def respond(
@@ -73,14 +123,10 @@ def respond(
     if not isinstance(messages, list) or not messages:
         return 400, _error_body("'messages' is required and must be a non-empty list.")
     reply, prompt_tokens = build_reply(model, messages)
-    words = reply.split()
-    finish_reason = "stop"
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(words):
-        words = words[:limit]
-        reply = " ".join(words)
-        finish_reason = "length"
-    completion_tokens = len(words)
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    reply, completion_tokens, finish_reason = cut_reply(model, reply, limit)
     return 200, {
         "id": completion_id,
         "object": "chat.completion",

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from prefect_kluster.emulator import Emulator, EmulatorConfig, create_app, run_emulator
+from prefect_kluster.emulator.responder import count_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -143,6 +145,59 @@ def test_models_list(client: openai.OpenAI) -> None:
     ]
 
 
+def test_models_extended_listing_has_limits_and_prices(client: openai.OpenAI) -> None:
+    plain = client.models.list().data[0].model_dump()
+    assert "pricing" not in plain
+    models = {m.id: m.model_dump() for m in client.models.list(extra_query={"extended": "true"})}
+    r1 = models[R1]
+    assert r1["name"] == "DeepSeek-R1" and r1["model_purpose"] == "text"
+    assert r1["context_length"] > r1["output_length"] > 0
+    assert r1["pricing"]["realtime"] == {"input": 3.0, "output": 5.0}
+    windows = r1["pricing"]["asynchronous"]
+    assert windows["24h"] == {"input": 2.0, "output": 3.5}
+    for model in models.values():
+        prices = model["pricing"]["asynchronous"]
+        # Longer windows are cheaper, input and output alike.
+        assert prices["24h"]["input"] > prices["48h"]["input"] > prices["72h"]["input"]
+        assert prices["24h"]["output"] > prices["48h"]["output"] > prices["72h"]["output"]
+    assert models["Qwen/Qwen2.5-VL-7B-Instruct"]["model_purpose"] == "multimodal"
+
+
+def test_pricing_unavailable(start: Callable[..., Emulator], connect: Any) -> None:
+    client = connect(start(pricing_unavailable=True))
+    models = client.models.list(extra_query={"extended": "true"}).data
+    assert len(models) == 6
+    assert all("pricing" not in m.model_dump() for m in models)
+
+
+@pytest.mark.parametrize("variant", ["has_more", "no_has_more"])
+def test_ignore_after_repeats_the_first_page(
+    start: Callable[..., Emulator], connect: Any, tmp_path: Path, variant: str
+) -> None:
+    emu = start(ignore_after=variant)
+    client = connect(emu)
+    path = write_jsonl(tmp_path / "in.jsonl", [request_line("a")])
+    ids = [submit(client, path).id for _ in range(3)][::-1]
+    first = client.batches.with_raw_response.list(limit=2).http_response.json()
+    again = client.batches.with_raw_response.list(limit=2, after=ids[1]).http_response.json()
+    assert [b["id"] for b in again["data"]] == [b["id"] for b in first["data"]] == ids[:2]
+    all_files = client.files.with_raw_response.list().http_response.json()
+    files = client.files.with_raw_response.list(after=all_files["data"][0]["id"])
+    files = files.http_response.json()
+    assert files["data"] == all_files["data"] and len(files["data"]) >= 3
+    if variant == "has_more":
+        assert first["has_more"] is True and files["has_more"] is True
+    else:
+        assert "has_more" not in first and "has_more" not in files
+    # A naive SDK iterator never ends: it sees the same ids over and over (bounded here).
+    seen = []
+    for batch in client.batches.list(limit=2):
+        seen.append(batch.id)
+        if len(seen) == 10:
+            break
+    assert seen[:4] == ids[:2] * 2 and len(seen) == 10
+
+
 def test_models_configurable(start: Callable[..., Emulator], connect: Any) -> None:
     client = connect(start(models=["a/one", "b/two"]))
     assert [m.id for m in client.models.list()] == ["a/one", "b/two"]
@@ -255,10 +310,14 @@ def test_full_lifecycle(client: openai.OpenAI, tmp_path: Path) -> None:
     reply = f"[kluster.ai emulator] {R1} reply to: What is the ultimate breakfast sandwich?"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": reply}
     assert body["choices"][0]["finish_reason"] == "stop"
+    # Llama 3's tokenizer: 4 + 7 tokens of text, 5 for the request and 5 per message.
+    assert count_tokens(R1, "You are terse.") == 4
+    assert count_tokens(R1, "What is the ultimate breakfast sandwich?") == 7
+    completion = count_tokens(R1, reply)
     assert body["usage"] == {
-        "prompt_tokens": 3 + 6,
-        "completion_tokens": len(reply.split()),
-        "total_tokens": 9 + len(reply.split()),
+        "prompt_tokens": 5 + 2 * 5 + 4 + 7,
+        "completion_tokens": completion,
+        "total_tokens": 26 + completion,
     }
     # Parses as the SDK's own chat completion type.
     parsed = openai.types.chat.ChatCompletion.model_validate(body)
@@ -266,9 +325,8 @@ def test_full_lifecycle(client: openai.OpenAI, tmp_path: Path) -> None:
 
     short = out["r2"]["response"]["body"]
     assert short["choices"][0]["finish_reason"] == "length"
-    assert (
-        short["choices"][0]["message"]["content"] == "[kluster.ai emulator] deepseek-ai/DeepSeek-R1"
-    )
+    # Cut at 3 tokens, as a model stops mid-word at its limit.
+    assert short["choices"][0]["message"]["content"] == "[kluster"
     assert short["usage"]["completion_tokens"] == 3
 
     image_reply = out["img"]["response"]["body"]["choices"][0]["message"]["content"]
