@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-dev browser demo test lint format bench clean
+.PHONY: install install-dev browser postgres demo test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,19 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Debian's PostgreSQL for the production-shape tests (the tests start their own server as an
+# unprivileged user on a free port; nothing runs as a system service). `make demo` uses SQLite.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the production-shape tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
 demo: install
 	$(PY) -m flows.batch_inference deployments/sample-requests.jsonl --emulator \
 	  --output out/demo-results.jsonl --overwrite
 
-test: install-dev
+test: install-dev postgres
 	$(PY) -m pytest
 
 lint: install-dev
