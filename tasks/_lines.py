@@ -22,10 +22,13 @@ from queue import SimpleQueue
 from typing import Any, BinaryIO
 
 import msgspec
+
 from prefect_kluster.tasks.schema import (
     JoinedError,
     JoinedLine,
+    RequestBody,
     ResultLine,
+    TextPart,
     custom_id_decoder,
     joined_encoder,
     request_decoder,
@@ -147,10 +150,121 @@ class ModelNotAllowed(Exception):
     """A request names a model outside the allowed set."""
 
 
-def check_requests(lines: list[bytes], models: frozenset[str] | None) -> list[bytes]:
-    """The JSON custom_ids of ``lines`` if every line is a valid request; raises otherwise."""
+# --- the cost estimate's share of the pass ------------------------------------------------
+# Prompt tokens of a request, from its text alone (no tokenizer in the pass: one would cost
+# more than the decode itself). Central: pure-ASCII text at 0.24 tokens a character; other
+# text at 0.29 a ASCII character plus 0.23 a byte of its non-ASCII UTF-8. Fitted against
+# Llama 3's and Qwen's tokenizers; measured by benchmarks/cost_bench.py (tasks.cost says
+# the figures). Upper: the text's UTF-8 bytes, a bound no byte-level BPE (Llama 3, Qwen,
+# DeepSeek) can exceed, since each of its tokens stands for at least one byte.
+ASCII_TOKENS_PER_CHAR = 0.24
+MIXED_ASCII_TOKENS_PER_CHAR = 0.29
+NON_ASCII_TOKENS_PER_BYTE = 0.23
+# A chat template's tokens around the text, (central, upper): once a request (begin of text,
+# the assistant header; a default system prompt some templates add), once a message (its
+# header and end-of-turn mark). Llama 3's template uses 5 and 5.
+REQUEST_TOKENS = (5, 32)
+MESSAGE_TOKENS = (5, 8)
+# An image part, (central, upper): Qwen2.5-VL spends a token per 28x28 pixels, about 1,300
+# for a 1,000-pixel-square image and at most 16,384 (its default max_pixels, 12,845,056).
+IMAGE_TOKENS = (1300, 16384)
+
+# Per model: lines, central prompt tokens, upper prompt tokens, the sum of the answer
+# limits the lines set (max_completion_tokens, else max_tokens), lines that set none.
+LINES, CENTRAL, UPPER, CAPPED, UNCAPPED = range(5)
+
+
+class BlockCost:
+    """Token tallies per model over some request lines, added up as the lines are checked.
+
+    Kept as plain lists so the helper can send them back as JSON and the caller can add
+    blocks together; ``prefect_kluster.tasks.cost`` prices them.
+    """
+
+    __slots__ = ("models",)
+
+    def __init__(self, models: dict[str, list[float]] | None = None) -> None:
+        self.models: dict[str, list[float]] = models if models is not None else {}
+
+    def add(self, body: RequestBody) -> None:
+        """Count one valid request's prompt (central and upper) and its answer limit."""
+        central, upper = REQUEST_TOKENS
+        message_central, message_upper = MESSAGE_TOKENS
+        image_central, image_upper = IMAGE_TOKENS
+        for message in body.messages:
+            central += message_central
+            upper += message_upper
+            content = message.content
+            for part in (content,) if content.__class__ is str else content:
+                if part.__class__ is str:
+                    text = part
+                elif part.__class__ is TextPart:
+                    text = part.text
+                else:
+                    central += image_central
+                    upper += image_upper
+                    continue
+                if text.isascii():
+                    size = len(text)
+                    central += size * ASCII_TOKENS_PER_CHAR
+                    upper += size
+                else:
+                    size = len(text.encode())
+                    ascii_chars = len(text.encode("ascii", "ignore"))
+                    central += (
+                        ascii_chars * MIXED_ASCII_TOKENS_PER_CHAR
+                        + (size - ascii_chars) * NON_ASCII_TOKENS_PER_BYTE
+                    )
+                    upper += size
+        tally = self.models.get(body.model)
+        if tally is None:
+            tally = self.models[body.model] = [0, 0.0, 0, 0, 0]
+        tally[LINES] += 1
+        tally[CENTRAL] += central
+        tally[UPPER] += upper
+        cap = body.max_completion_tokens
+        if cap is None:
+            cap = body.max_tokens
+        if cap is None:
+            tally[UNCAPPED] += 1
+        else:
+            tally[CAPPED] += cap
+
+    def merge(self, other: BlockCost) -> None:
+        for model, counts in other.models.items():
+            tally = self.models.get(model)
+            if tally is None:
+                self.models[model] = list(counts)
+            else:
+                for i, value in enumerate(counts):
+                    tally[i] += value
+
+    def pack(self) -> bytes:
+        return msgspec.json.encode(self.models)
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> BlockCost:
+        return cls(msgspec.json.decode(blob, type=dict[str, list[float]]))
+
+
+def check_requests(
+    lines: list[bytes], models: frozenset[str] | None, cost: BlockCost | None = None
+) -> list[bytes]:
+    """The JSON custom_ids of ``lines`` if every line is a valid request; raises otherwise.
+
+    With ``cost``, each line's tokens are added to it on the way (same decode)."""
     decode = request_decoder.decode
-    if models is None:
+    if cost is not None:
+        add = cost.add
+        ids = []
+        for line in lines:
+            request = decode(line)
+            body = request.body
+            if models is not None and body.model not in models:
+                raise ModelNotAllowed
+            add(body)
+            ids.append(request.custom_id)
+    elif models is None:
         ids = [decode(line).custom_id for line in lines]
     else:
         ids = []
@@ -160,6 +274,26 @@ def check_requests(lines: list[bytes], models: frozenset[str] | None) -> list[by
                 raise ModelNotAllowed
             ids.append(request.custom_id)
     return list(map(msgspec.json.encode, ids))
+
+
+def pack_checked(ids: list[bytes], cost: BlockCost | None) -> bytes:
+    """The helper's reply for a valid request block: the ids, then the cost if counted."""
+    blob = b"\n".join(ids) + b"\n"
+    if cost is None:
+        return blob
+    return struct.pack("<q", len(blob)) + blob + cost.pack()
+
+
+def unpack_checked(blob: bytes, estimating: bool) -> tuple[list[bytes], BlockCost | None]:
+    """The inverse of ``pack_checked``: (the JSON custom_ids, the block's cost)."""
+    cost = None
+    if estimating:
+        (size,) = struct.unpack_from("<q", blob)
+        cost = BlockCost.unpack(blob[8 + size :])
+        blob = blob[8 : 8 + size]
+    ids = blob.split(b"\n")
+    ids.pop()
+    return ids, cost
 
 
 class JoinedBlock:
@@ -263,6 +397,7 @@ def serve(config_json: str) -> None:
     config = msgspec.json.decode(config_json)
     paths: list[str] = config["paths"]
     models = frozenset(config["models"]) if config.get("models") is not None else None
+    estimating = bool(config.get("estimate"))
     scratch = open(config["scratch"], "wb") if config.get("scratch") else None  # noqa: SIM115
     handles: dict[int, BinaryIO] = {}
     inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -276,7 +411,8 @@ def serve(config_json: str) -> None:
             lines = split_lines(handle.read(size))
             try:
                 if scratch is None:
-                    reply = b"\n".join(check_requests(lines, models)) + b"\n"
+                    cost = BlockCost() if estimating else None
+                    reply = pack_checked(check_requests(lines, models, cost), cost)
                 else:
                     block = JoinedBlock(lines)
                     reply = block.pack()

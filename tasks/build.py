@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import struct
 import uuid
 from array import array
 from bisect import bisect_right
@@ -31,7 +32,15 @@ from prefect.logging import get_run_logger
 
 from prefect_kluster.tasks import _lines as line_work
 from prefect_kluster.tasks import storage
-from prefect_kluster.tasks._lines import Helper, ModelNotAllowed, check_requests, read_blocks
+from prefect_kluster.tasks._lines import (
+    BlockCost,
+    Helper,
+    ModelNotAllowed,
+    check_requests,
+    read_blocks,
+    unpack_checked,
+)
+from prefect_kluster.tasks.cost import CostEstimate, PriceTable, RequestTally, estimate_cost
 from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
 
@@ -284,7 +293,7 @@ def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
 class _Block:
     """A block of input lines on its way through the check, in input order."""
 
-    __slots__ = ("offset", "data", "first_line", "count", "lines", "ids", "state")
+    __slots__ = ("offset", "data", "first_line", "count", "lines", "ids", "state", "cost")
 
     def __init__(self, offset: int, data: bytes, first_line: int, count: int):
         self.offset = offset
@@ -295,6 +304,7 @@ class _Block:
         self.ids: list[bytes] | None = None
         # None: with the helper; True: every line valid (ids set); False: go line by line.
         self.state: bool | None = None
+        self.cost: BlockCost | None = None  # the block's token tallies, when estimating
 
 
 class _Sharding:
@@ -307,11 +317,14 @@ class _Sharding:
         writer: _ShardWriter,
         max_file_bytes: int,
         models: frozenset[str] | None,
+        estimate: bool = False,
     ):
         self.source = source
         self.writer = writer
         self.max_file_bytes = max_file_bytes
         self.models = models
+        # The run's token tallies (of written lines only), when estimating the cost.
+        self.cost: BlockCost | None = BlockCost() if estimate else None
         self.problems: list[LineProblem] = []
         self.more = False
         self.lines = 0
@@ -323,7 +336,7 @@ class _Sharding:
         helper = None
         if "://" not in self.source:
             models = sorted(self.models) if self.models is not None else None
-            helper = Helper.start([self.source], models=models)
+            helper = Helper.start([self.source], models=models, estimate=self.cost is not None)
         pending: deque[_Block] = deque()
         try:
             for offset, data in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
@@ -366,8 +379,9 @@ class _Sharding:
             return
         if len(block.data) > self.max_file_bytes and max(map(len, lines)) >= self.max_file_bytes:
             return
+        block.cost = BlockCost() if self.cost is not None else None
         try:
-            block.ids = check_requests(lines, self.models)
+            block.ids = check_requests(lines, self.models, block.cost)
         except (ModelNotAllowed, msgspec.MsgspecError, UnicodeDecodeError):
             return
         block.state = True
@@ -381,10 +395,12 @@ class _Sharding:
                 if not wait and not helper.ready():
                     return True
                 blob = helper.reply()
-                ids = blob.split(b"\n") if blob else None
-                if ids is not None and len(ids) == block.count + 1:
-                    ids.pop()
-                    block.ids = ids
+                try:
+                    ids, cost = unpack_checked(blob, self.cost is not None) if blob else ([], None)
+                except (ValueError, struct.error, msgspec.MsgspecError):
+                    ids, cost = [], None
+                if len(ids) == block.count:
+                    block.ids, block.cost = ids, cost
                     block.state = True
                 else:
                     self._check(block)
@@ -394,6 +410,8 @@ class _Sharding:
                     assert block.ids is not None
                     self.id_hashes.extend(map(hash, block.ids))
                     self.writer.add(block.data, block.ids, block.lines)
+                    if self.cost is not None and block.cost is not None:
+                        self.cost.merge(block.cost)
             elif not self._line_by_line(block):
                 return False
         return True
@@ -430,6 +448,8 @@ class _Sharding:
                             valid.append(data)
                             valid_ids.append(self.encode(request.custom_id))
                             self.id_hashes.append(hash(valid_ids[-1]))
+                            if self.cost is not None:
+                                self.cost.add(request.body)
             if problem is not None:
                 if len(problems) >= MAX_REPORTED_PROBLEMS:
                     self.more = True
@@ -453,6 +473,35 @@ def shard_request_file(
     CRLF line ends normalised to LF and a final newline added where missing. On any
     problem, no shard is left behind and ``RequestFileError`` names the lines.
     """
+    shards, _ = _shard(source, out_dir, max_file_bytes, max_requests_per_file, allowed_models)
+    return shards
+
+
+def shard_and_tally(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_requests_per_file: int | None = None,
+    allowed_models: Iterable[str] | None = None,
+) -> tuple[list[Shard], RequestTally]:
+    """``shard_request_file`` that also counts, in the same pass over the input, each
+    model's lines, prompt tokens (central and upper) and answer limits: what the cost
+    estimate prices (``tasks.cost.estimate_cost``)."""
+    shards, cost = _shard(
+        source, out_dir, max_file_bytes, max_requests_per_file, allowed_models, estimate=True
+    )
+    assert cost is not None
+    return shards, RequestTally.from_block_cost(cost)
+
+
+def _shard(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    max_file_bytes: int,
+    max_requests_per_file: int | None,
+    allowed_models: Iterable[str] | None,
+    estimate: bool = False,
+) -> tuple[list[Shard], BlockCost | None]:
     if max_file_bytes <= 0:
         raise ValueError("max_file_bytes must be positive")
     if max_requests_per_file is not None and max_requests_per_file <= 0:
@@ -462,7 +511,7 @@ def shard_request_file(
     storage.makedirs(out)
     name = os.fspath(source)
     writer = _ShardWriter(out, max_file_bytes, max_requests_per_file)
-    run = _Sharding(name, writer, max_file_bytes, models)
+    run = _Sharding(name, writer, max_file_bytes, models, estimate)
     try:
         with open_source(source) as handle:
             run.run(handle)
@@ -475,7 +524,7 @@ def shard_request_file(
                 problems = _duplicate_problems(name, hashes)
         if problems:
             raise RequestFileError(name, problems, run.more)
-        return writer.finish()
+        return writer.finish(), run.cost
     except BaseException:
         writer.abort()
         raise
@@ -585,3 +634,30 @@ def validate_and_shard(
         "Validated %d request lines into %d shard(s)", sum(s.lines for s in shards), len(shards)
     )
     return shards
+
+
+@task(name="validate-shard-and-estimate")
+def validate_shard_and_estimate(
+    source: str,
+    out_dir: str,
+    prices: PriceTable,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_requests_per_file: int | None = None,
+    allowed_models: list[str] | None = None,
+) -> tuple[list[Shard], CostEstimate]:
+    """``validate_and_shard`` that also prices the requests, from the same single read of
+    the input: (shards, the cost estimate per model and completion window)."""
+    for stale in storage.listdir(out_dir):
+        if storage.basename(stale).startswith(("shard-", "part-")):
+            storage.remove(stale)
+    shards, tally = shard_and_tally(
+        source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
+    )
+    estimate = estimate_cost(tally, prices)
+    get_run_logger().info(
+        "Validated %d request lines into %d shard(s); estimated cost %s",
+        sum(s.lines for s in shards),
+        len(shards),
+        estimate.summary_line(),
+    )
+    return shards, estimate

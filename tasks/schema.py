@@ -41,6 +41,9 @@ class Message(Struct):
 class RequestBody(Struct):
     model: NonEmptyStr
     messages: Annotated[list[Message], Meta(min_length=1)]
+    # Read for the cost estimate (the answer's token limit); the service prefers the first.
+    max_completion_tokens: Annotated[int, Meta(ge=0)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
 
 
 class RequestLine(Struct):
