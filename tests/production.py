@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -53,6 +54,7 @@ PG_ROOT = Path("/usr/lib/postgresql")
 PG_VERSION = "15"
 PG_SYSTEM_USER = "kluster-pg"  # created once when the machine has no `postgres` user
 PG_ROLE = "kluster"
+STOP_PG_TIMEOUT = 30.0
 MACHINE_ENV = "KLUSTER_TEST_MACHINE"
 S3_KEY_ID = "kluster-test-key"
 S3_SECRET = "kluster-test-secret"  # moto accepts any pair; not a real credential
@@ -212,9 +214,6 @@ def postgres(
         shutil.rmtree(root, ignore_errors=True)
 
 
-STOP_PG_TIMEOUT = 30.0
-
-
 # --- A Prefect server on that database, killable and restartable -------------------------------
 
 
@@ -366,8 +365,6 @@ class S3Store:
 def moto_s3(base_dir: Path, timeout: float = 60.0) -> Iterator[S3Store]:
     """moto's server (``python -m moto.server``) on a free loopback port, as a subprocess so
     every worker reaches the same store over HTTP."""
-    import sys
-
     started = time.monotonic()
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -453,6 +450,7 @@ class Worker:
     env: dict[str, str] = field(repr=False)
     process: Process
     server: PrefectServer = field(repr=False)
+    spawned_at: float = 0.0  # time.monotonic() when its process started
     started_in: float | None = None  # seconds from spawn to ONLINE in its pool
 
     def pids(self) -> list[int]:
@@ -475,7 +473,7 @@ class Worker:
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Wait until the server lists this worker ONLINE; seconds since it was spawned."""
-        began = self._spawned
+        began = self.spawned_at
         wait_for(
             lambda: self.status() == "ONLINE",
             timeout,
@@ -492,8 +490,6 @@ class Worker:
         os.killpg(self.process.popen.pid, signal.SIGKILL)
         self.process.popen.wait(timeout=10)
         return sorted({self.process.popen.pid, *_kill_machine(self.machine_id)})
-
-    _spawned: float = 0.0
 
 
 def create_process_pool(server: PrefectServer, pool: str) -> None:
@@ -561,8 +557,8 @@ def worker(
             env=worker_env,
             process=proc,
             server=server,
+            spawned_at=spawned,
         )
-        handle._spawned = spawned
         try:
             if wait:
                 handle.wait_ready(timeout)
