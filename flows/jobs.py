@@ -311,7 +311,7 @@ class KlusterBatchJob(JobBlock):
     @async_dispatch(atrigger)
     def trigger(self) -> KlusterBatchJobRun:  # type: ignore[override]
         """Upload the request file (purpose "batch") and create the batch: this is the paid
-        call. Returns the run that tracks the batch by its id."""
+        call, made once (no retry). Returns the run that tracks the batch by its id."""
         return self._trigger()
 
     def _trigger(self) -> KlusterBatchJobRun:
@@ -320,7 +320,9 @@ class KlusterBatchJob(JobBlock):
             with fsspec.open(self.request_file, "rb") as handle:
                 uploaded = client.files.create(file=(name, handle), purpose="batch")
             options: dict[str, Any] = {"metadata": self.metadata} if self.metadata else {}
-            batch = client.batches.create(
+            # No SDK retry of the paid call: a retried create whose first answer was lost
+            # would make (and bill) a second batch. An error here means "look before rerunning".
+            batch = client.with_options(max_retries=0).batches.create(
                 input_file_id=uploaded.id,
                 endpoint=self.endpoint,  # type: ignore[arg-type]
                 completion_window=self.completion_window,  # type: ignore[arg-type]

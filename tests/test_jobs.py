@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from conftest import TEST_API_KEY
 from helpers import read_jsonl, requests, write_jsonl
@@ -84,12 +85,8 @@ def test_fetch_before_the_end_is_refused(tmp_path, emulator, credentials):
     run = job.trigger()
     with pytest.raises(KlusterBatchJobIncomplete, match="wait_for_completion"):
         run.fetch_result()
-    with get_openai(credentials) as client:
+    with credentials.get_client() as client:
         client.batches.cancel(run.batch_id)
-
-
-def get_openai(credentials: KlusterCredentials):
-    return credentials.get_client()
 
 
 def test_failed_batch_raises_the_typed_error(tmp_path, emulator, credentials):
@@ -118,7 +115,7 @@ def test_wait_times_out_with_the_typed_error_and_the_batch_keeps_running(
     assert 0.6 <= elapsed < 5, elapsed
     assert not timed_out.value.batch.is_terminal
     assert _service_batch(emulator, run.batch_id)["status"] == "in_progress"
-    with get_openai(credentials) as client:
+    with credentials.get_client() as client:
         client.batches.cancel(run.batch_id)
 
 
@@ -143,7 +140,7 @@ def test_cancelled_batch_raises_and_partial_fetch_takes_what_ran(tmp_path, emula
     emulator.configure(lines_per_second=10)
     job, ids = _job(tmp_path, credentials, n=40)
     run = job.trigger()
-    with get_openai(credentials) as client:
+    with credentials.get_client() as client:
         deadline = time.monotonic() + 10
         while run.get_batch().request_counts.completed < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -228,3 +225,13 @@ def test_generic_job_runner_pattern_with_a_saved_block(tmp_path, emulator, crede
     assert loaded.kluster_credentials.api_key.get_secret_value() == TEST_API_KEY
     rows = run_any_job(loaded)
     assert sorted(r["custom_id"] for r in rows) == sorted(ids)
+
+
+def test_the_paid_create_call_is_made_once(tmp_path, emulator, credentials):
+    """A failed create is not retried by the SDK: a lost answer must not bill a second batch."""
+    emulator.configure(fault_rate=1.0, fault_routes=["POST /v1/batches"], fault_after_create=True)
+    job, _ = _job(tmp_path, credentials)
+    with pytest.raises(openai.APIStatusError):
+        job.trigger()
+    assert emulator.stats()["requests"]["POST /v1/batches"] == 1
+    assert len(emulator.stats()["batches"]) == 1  # made once, answer lost: look before rerunning
