@@ -361,6 +361,7 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
+
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
     from prefect_kluster.flows.batch_inference import batch_inference
 
@@ -376,7 +377,10 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
         with HelperWatch() as watch:
             start = Clock()
             result = batch_inference(
-                input_path=source, output_path=output, poll_interval=0.2, overwrite=True
+                input_path=source,
+                output_path=output,
+                output={"overwrite": True},
+                run={"poll_interval": 0.2},
             )
             seconds = start.stop()
         figures = _emulator_figures(emu, validation)
@@ -394,6 +398,7 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
 def baseline_e2e(source: str) -> dict[str, Any]:
     """The guide's script shape through the openai SDK: upload, create, poll, `.content`."""
     from openai import OpenAI
+
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
     validation = _timed_emulator_validation()

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:  # `python deployments/serve.py` puts deployments/
 from prefect import serve  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.schedules import Cron, Interval  # noqa: E402
+
 from prefect_kluster.flows.batch_inference import batch_inference  # noqa: E402
 from prefect_kluster.flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
 from prefect_kluster.flows.pending import collect_batches  # noqa: E402
@@ -47,7 +48,7 @@ def build_deployments() -> list[RunnerDeployment]:
             description="Run a batch request file on kluster.ai; trigger it from the UI with "
             '"Custom run".',
             tags=TAGS,
-            parameters={"poll_interval": 10.0},
+            parameters={"run": {"poll_interval": 10.0}},
         ),
         batch_inference.to_deployment(
             name="kluster-batch-nightly",
@@ -58,10 +59,12 @@ def build_deployments() -> list[RunnerDeployment]:
             parameters={
                 "input_path": "deployments/sample-requests.jsonl",
                 "output_path": "out/nightly/results.jsonl",
-                "overwrite": True,
-                "completion_window": "24h",
-                "poll_interval": 60.0,
-                "metadata": {"source": "kluster-batch-nightly"},
+                "output": {"overwrite": True},
+                "run": {
+                    "completion_window": "24h",
+                    "poll_interval": 60.0,
+                    "metadata": {"source": "kluster-batch-nightly"},
+                },
             },
         ),
         list_models_flow.to_deployment(
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    # Runs (child processes) may read and write only under these roots: the environment's
+    # KLUSTER_STORAGE_ROOTS (comma-separated paths or URLs), else the project root.
+    os.environ["KLUSTER_STORAGE_ROOTS"] = os.environ.get("KLUSTER_STORAGE_ROOTS") or str(ROOT)
     with ExitStack() as stack:
         if args.emulator:
             from prefect_kluster.emulator import EmulatorConfig, run_emulator

@@ -90,6 +90,7 @@ class FrontDoor:
         drop, fault, delay = store.decide_fault()
         if cfg.fault_routes is not None and route not in cfg.fault_routes:
             drop = fault = False
+            delay = 0.0
         if delay > 0:
             await asyncio.sleep(delay)
         if (drop or fault) and not cfg.fault_after_create:

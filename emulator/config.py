@@ -120,7 +120,8 @@ class EmulatorConfig(BaseModel):
     )
     fault_routes: list[str] | None = Field(
         default=None,
-        description='Only these routes get faults, e.g. ["POST /v1/batches"]; None = all.',
+        description='Only these routes get faults and latency, e.g. ["POST /v1/batches"]; '
+        "None = all.",
     )
     fault_seed: int = Field(default=0, description="Seed of the fault and fail_rate decisions.")
     fault_after_create: bool = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # the command line checks what it can before importing Prefect
     import sys
 
-    from prefect_kluster.flows.cli import main
+    from prefect_kluster.cli import main
 
     sys.exit(main())
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m flows.collect", description=(__doc__ or "").split("\n\n")[1]
     ).parse_args(argv)
-    from prefect_kluster.flows.cli import describe_error
+    from prefect_kluster.cli import describe_error
     from prefect_kluster.flows.pending import collect_batches
 
     try:

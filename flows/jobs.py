@@ -25,6 +25,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from pydantic import Field
 
 from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.tasks.retry import RETRY_OPTIONS, api_error_message, is_transient_error
 from prefect_kluster.tasks.types import BatchInfo
 
 CHAT_COMPLETIONS_ENDPOINT = "/v1/chat/completions"
@@ -99,30 +100,31 @@ class _Pacer:
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.pause = self.interval
         self.last: BatchInfo | None = None
-        self.polls = 0
 
-    def next_pause(self, batch: BatchInfo, run: KlusterBatchJobRun) -> float | None:
-        """Seconds to sleep before the next poll, or None once the batch is terminal."""
-        self.polls += 1
-        changed = self.last is None or (
-            (batch.status, batch.request_counts) != (self.last.status, self.last.request_counts)
+    def next_pause(self, batch: BatchInfo | None, run: KlusterBatchJobRun) -> float | None:
+        """Seconds to sleep before the next poll, or None once the batch is terminal.
+        ``batch`` is None when the poll failed for a transient reason: the wait goes on."""
+        changed = batch is not None and (
+            self.last is None
+            or (batch.status, batch.request_counts) != (self.last.status, self.last.request_counts)
         )
         if changed:
             run.logger.info("%s", _describe(batch))
             self.pause = self.interval
         else:
             self.pause = min(self.pause * BACKOFF_FACTOR, self.max_interval)
-        self.last = batch
-        if batch.is_terminal:
+        self.last = batch or self.last
+        if batch is not None and batch.is_terminal:
             return None
         if self.deadline is None:
             return self.pause
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
+            last = self.last or BatchInfo(id=run.batch_id, status="unknown")
             raise KlusterBatchJobTimedOut(
-                f"{_describe(batch)} after waiting {self.timeout:g} s; it keeps running on the "
+                f"{_describe(last)} after waiting {self.timeout:g} s; it keeps running on the "
                 "service (cancel it there, or wait again with this run's batch id)",
-                batch,
+                last,
             )
         return min(self.pause, remaining)
 
@@ -146,13 +148,29 @@ class KlusterBatchJobRun(JobRun[JobResult]):  # not a block
         with self.job.kluster_credentials.get_client() as client:
             return BatchInfo.from_sdk(client.batches.retrieve(self.batch_id))
 
+    def _poll(self) -> BatchInfo | None:
+        """One status call; None when it failed for a transient reason (429, 5xx, connection)
+        after the SDK's own retries, so an hours-long wait outlives a brief outage."""
+        try:
+            return self.get_batch()
+        except Exception as exc:
+            if not is_transient_error(exc):
+                raise
+            self.logger.warning(
+                "Status check of batch %s failed (%s: %s); checking again later",
+                self.batch_id,
+                type(exc).__name__,
+                api_error_message(exc),
+            )
+            return None
+
     async def await_for_completion(self) -> BatchInfo:
         """Async form of ``wait_for_completion``: cancellable between polls."""
         pacer = _Pacer(self.job)
         while True:
-            batch = await run_sync_in_worker_thread(self.get_batch)
+            batch = await run_sync_in_worker_thread(self._poll)
             pause = pacer.next_pause(batch, self)
-            if pause is None:
+            if pause is None and batch is not None:
                 _raise_if_unfinished(batch)
                 return batch
             await asyncio.sleep(pause)
@@ -166,9 +184,9 @@ class KlusterBatchJobRun(JobRun[JobResult]):  # not a block
         """
         pacer = _Pacer(self.job)
         while True:
-            batch = self.get_batch()
+            batch = self._poll()
             pause = pacer.next_pause(batch, self)
-            if pause is None:
+            if pause is None and batch is not None:
                 _raise_if_unfinished(batch)
                 return batch
             time.sleep(pause)
@@ -351,9 +369,9 @@ def wait_for_kluster_batch_job(run: KlusterBatchJobRun) -> BatchInfo:
     return run.wait_for_completion()
 
 
-@task(name="fetch-kluster-batch-job-result", retries=2, retry_delay_seconds=5, **_STEP_OPTIONS)
+@task(name="fetch-kluster-batch-job-result", **RETRY_OPTIONS, **_STEP_OPTIONS)
 def fetch_kluster_batch_job_result(run: KlusterBatchJobRun) -> JobResult:
-    """Download the result lines (safe to retry: it only reads)."""
+    """Download the result lines (retried on transient errors: it only reads)."""
     return run.fetch_result()
 
 
@@ -361,7 +379,11 @@ def fetch_kluster_batch_job_result(run: KlusterBatchJobRun) -> JobResult:
 def run_kluster_batch_job(job: KlusterBatchJob) -> JobResult:
     """Trigger one kluster.ai batch, wait for it and fetch its result lines.
 
-    Returns the result rows, or the path written when the job has an ``output_path``.
+    Args:
+        job: The kluster.ai batch job block: request file, credentials and how to wait.
+
+    Returns:
+        The result rows, or the path written when the job has an ``output_path``.
 
     Example:
         ```python

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.logging import get_run_logger
+
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.reporting import publish_batches_table, publish_models_table
 from prefect_kluster.tasks.manage import cancel_batch, list_batches, list_models

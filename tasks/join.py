@@ -642,6 +642,7 @@ def join_result_files(
     local = storage.local_path(target)
     scratch_dir = None if local is not None else tempfile.mkdtemp(prefix="kluster-join-")
     scratch = Path(local) if local is not None else Path(scratch_dir) / "join"
+    scratch.parent.mkdir(parents=True, exist_ok=True)
     sink = None
     summary = JoinSummary(output_path=target)
     retry_handle = None

@@ -39,3 +39,25 @@ def write_jsonl(path: Path, rows: Iterable[dict | bytes | str], newline: bytes =
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
+
+
+_FLOW_GROUPS = {
+    "requests": ("requests", "prompts", "prompts_path", "prompt_column", "template", "model",
+                 "system_prompt", "completion_params"),
+    "output": ("overwrite", "parquet", "work_dir"),
+    "run": ("completion_window", "metadata", "wait", "poll_interval", "max_poll_interval",
+            "timeout", "max_attempts", "check_models", "resubmit", "run_label"),
+    "limits": ("max_file_bytes", "max_requests_per_file", "max_concurrency"),
+}  # fmt: skip
+
+
+def grouped(**options: Any) -> dict[str, Any]:
+    """Flat option names (as the CLI flags have them) in the flow's parameter groups."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        group = next((g for g, names in _FLOW_GROUPS.items() if name in names), None)
+        if group is None:
+            out[name] = value
+        else:
+            out.setdefault(group, {})[name] = value
+    return out

@@ -22,10 +22,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+
 from prefect_kluster.flows import reporting
 from prefect_kluster.tasks.join import JoinSummary, ShardSummary
 from prefect_kluster.tasks.types import BatchInfo, ModelInfo, RequestCounts, TokenUsage
-
 from tests.conftest import TEST_API_KEY
 from tests.helpers import read_jsonl, requests, write_jsonl
 from tests.server import (
@@ -66,6 +66,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             TEST_API_KEY,
             PREFECT_WORKER_QUERY_SECONDS="1",
             PREFECT_WORKER_PREFETCH_SECONDS="5",
+            # `prefect deploy` puts these roots in the deployments (prefect.yaml's build step)
+            KLUSTER_STORAGE_ROOTS=f"{base},{ROOT}",
         )
         run_cli(["work-pool", "create", "kluster-pool", "--type", "process", "--overwrite"], env)
         run_cli(
@@ -187,8 +189,7 @@ def on_demand_run(stack: Stack) -> tuple[FlowRun, Path, list[str]]:
         {
             "input_path": str(source),
             "output_path": str(output),
-            "poll_interval": 0.2,
-            "metadata": {"origin": "test_deployments"},
+            "run": {"poll_interval": 0.2, "metadata": {"origin": "test_deployments"}},
         },
     )
     print(f"on-demand deployment run took {time.monotonic() - started:.1f}s")
@@ -417,7 +418,7 @@ def test_cancelling_the_flow_run_cancels_its_remote_batches(stack: Stack) -> Non
             parameters={
                 "input_path": str(source),
                 "output_path": str(stack.work / "cancel-out" / "results.jsonl"),
-                "poll_interval": 0.2,
+                "run": {"poll_interval": 0.2},
             },
             timeout=0,
         )
@@ -465,8 +466,8 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
             {
                 "input_path": str(source),
                 "output_path": str(later),
-                "wait": False,
-                "max_requests_per_file": 20,
+                "run": {"wait": False},
+                "limits": {"max_requests_per_file": 20},
             },
         )
         assert submitted.state.is_completed(), submitted.state
@@ -500,8 +501,8 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
         {
             "input_path": str(source),
             "output_path": str(waited),
-            "poll_interval": 0.2,
-            "max_requests_per_file": 20,
+            "run": {"poll_interval": 0.2},
+            "limits": {"max_requests_per_file": 20},
         },
     )
     assert run.state.is_completed(), run.state
@@ -511,7 +512,7 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
 
 
 def test_block_register_puts_the_credentials_block_in_the_catalog(stack: Stack) -> None:
-    run_cli(["block", "register", "-m", "blocks"], stack.env)
+    run_cli(["block", "register", "-m", "prefect_kluster"], stack.env)
     with get_client(sync_client=True) as client:
         block_type = client.read_block_type_by_slug("kluster-ai-credentials")
         schemas = client.read_block_schemas()
@@ -519,3 +520,32 @@ def test_block_register_puts_the_credentials_block_in_the_catalog(stack: Stack) 
     schema = next(s for s in schemas if s.block_type_id == block_type.id)
     assert "api_key" in schema.fields["properties"]
     assert schema.fields["properties"]["api_key"].get("format") == "password"
+
+
+# --- storage roots ------------------------------------------------------------------------------
+
+
+def test_a_run_outside_the_storage_roots_is_refused_before_reading_anything(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A UI user (here: the API call the UI makes) cannot make the worker write elsewhere."""
+    with get_client(sync_client=True) as client:
+        on_demand = client.read_deployment_by_name(f"{BATCH_FLOW}/kluster-batch-on-demand")
+    roots = on_demand.job_variables["env"]["KLUSTER_STORAGE_ROOTS"]
+    assert roots == f"{stack.work},{ROOT}"
+    outside = tmp_path / "elsewhere" / "results.jsonl"  # pytest's per-test folder: not a root
+    assert not str(outside).startswith(str(stack.work))
+    source = write_jsonl(stack.work / "roots.jsonl", requests(3, prefix="roots-"))
+    uploads = _emulator_admin(stack, "/_emulator/stats")["requests"].get("POST /v1/files", 0)
+    run = _run(
+        f"{BATCH_FLOW}/kluster-batch-on-demand",
+        {"input_path": str(source), "output_path": str(outside)},
+    )
+    assert run.state.is_failed(), run.state
+    message = run.state.message or ""
+    assert str(outside) in message and "outside the storage roots" in message, message
+    assert str(stack.work) in message
+    assert (
+        _emulator_admin(stack, "/_emulator/stats")["requests"].get("POST /v1/files", 0) == uploads
+    )
+    assert not outside.parent.exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from prefect_kluster.blocks import KlusterCredentials, MissingCredentialsError
 from prefect_kluster.flows import (
     BatchRunError,
@@ -22,7 +23,6 @@ from prefect_kluster.flows import (
     list_models_flow,
 )
 from prefect_kluster.tasks import RequestFileError
-
 from tests.conftest import TEST_API_KEY
 from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
 from tests.server import wait_for
@@ -37,7 +37,7 @@ def test_completed_run_joins_results_by_custom_id(tmp_path, kluster_env):
     )
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     result = batch_inference(
-        input_path=str(src), output_path=str(tmp_path / "out.jsonl"), poll_interval=0.05
+        input_path=str(src), output_path=str(tmp_path / "out.jsonl"), run={"poll_interval": 0.05}
     )
     assert result.status == "completed"
     assert len(result.batch_ids) == 1 and result.batch_id.startswith("batch")
@@ -59,9 +59,8 @@ def test_multi_shard_run_with_concurrency_cap(tmp_path, kluster_env):
     result = batch_inference(
         input_path=str(src),
         output_path=str(tmp_path / "out.jsonl"),
-        max_requests_per_file=5,
-        max_concurrency=2,
-        poll_interval=0.05,
+        limits={"max_requests_per_file": 5, "max_concurrency": 2},
+        run={"poll_interval": 0.05},
     )
     assert len(result.batch_ids) == 5 == len(set(result.batch_ids))
     assert [s.shard.lines for s in result.shards] == [5, 5, 5, 5, 3]
@@ -77,12 +76,14 @@ def test_multi_shard_run_with_concurrency_cap(tmp_path, kluster_env):
 
 def test_prompts_with_a_model(tmp_path, kluster_env):
     result = batch_inference(
-        prompts=["What is 2+2?", "Name a colour."],
-        model=MODEL,
-        system_prompt="Be brief.",
-        completion_params={"max_completion_tokens": 3},
         output_path=str(tmp_path / "o.jsonl"),
-        poll_interval=0.05,
+        requests={
+            "prompts": ["What is 2+2?", "Name a colour."],
+            "model": MODEL,
+            "system_prompt": "Be brief.",
+            "completion_params": {"max_completion_tokens": 3},
+        },
+        run={"poll_interval": 0.05},
     )
     joined = read_jsonl(result.output_path)
     assert [r["custom_id"] for r in joined] == ["request-1", "request-2"]
@@ -117,8 +118,7 @@ def test_expired_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_en
         batch_inference(
             input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
             output_path=str(tmp_path / "o.jsonl"),
-            poll_interval=0.05,
-            max_attempts=1,
+            run={"poll_interval": 0.05, "max_attempts": 1},
         )
     result = err.value.result
     assert result.status == "expired"
@@ -139,8 +139,7 @@ def test_cancelled_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_
             batch_inference(
                 input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
                 output_path=str(tmp_path / "o.jsonl"),
-                poll_interval=0.05,
-                max_attempts=1,
+                run={"poll_interval": 0.05, "max_attempts": 1},
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             box["error"] = exc
@@ -173,8 +172,7 @@ def test_failed_run_fails_with_the_service_errors(tmp_path, kluster_env):
         batch_inference(
             input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(3))),
             output_path=str(tmp_path / "o.jsonl"),
-            poll_interval=0.05,
-            max_attempts=2,
+            run={"poll_interval": 0.05, "max_attempts": 2},
         )
     assert err.value.result.status == "failed"
     assert err.value.result.rounds == 2 and len(err.value.result.batch_ids) == 2
@@ -191,10 +189,10 @@ def test_saved_credentials_block_is_used_by_name(tmp_path, emulator, monkeypatch
     models = list_models_flow(credentials_block="test-kluster")
     assert len(models) == 6
     result = batch_inference(
-        requests=requests(2),
         output_path=str(tmp_path / "o.jsonl"),
         credentials_block="test-kluster",
-        poll_interval=0.05,
+        requests={"requests": requests(2)},
+        run={"poll_interval": 0.05},
     )
     assert result.summary.succeeded == 2
 
@@ -224,7 +222,9 @@ def test_ui_flows_list_and_cancel(tmp_path, kluster_env):
 def test_key_never_in_logs_or_result(tmp_path, kluster_env, caplog):
     caplog.set_level(logging.DEBUG)
     result = batch_inference(
-        requests=requests(2), output_path=str(tmp_path / "o.jsonl"), poll_interval=0.05
+        output_path=str(tmp_path / "o.jsonl"),
+        requests={"requests": requests(2)},
+        run={"poll_interval": 0.05},
     )
     assert TEST_API_KEY not in result.model_dump_json()
     assert TEST_API_KEY not in caplog.text
@@ -263,13 +263,14 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
     from prefect.settings import PREFECT_API_URL
+
     from prefect_kluster.flows.batch_inference import batch_inference as flow_fn
 
     state = flow_fn(
-        requests=requests(4),
         output_path=str(tmp_path / "o.jsonl"),
-        poll_interval=0.05,
-        max_requests_per_file=2,
+        requests={"requests": requests(4)},
+        run={"poll_interval": 0.05},
+        limits={"max_requests_per_file": 2},
         return_state=True,
     )
     result = state.result()
@@ -320,11 +321,13 @@ def test_prompts_file_with_a_template_is_streamed_into_requests(tmp_path, kluste
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("text,lang\nGood morning,French\nThank you,German\n")
     result = batch_inference(
-        prompts_path=str(prompts),
-        template="Translate into {lang}: {text}",
-        model=MODEL,
         output_path=str(tmp_path / "o.jsonl"),
-        poll_interval=0.05,
+        requests={
+            "prompts_path": str(prompts),
+            "template": "Translate into {lang}: {text}",
+            "model": MODEL,
+        },
+        run={"poll_interval": 0.05},
     )
     joined = read_jsonl(result.output_path)
     assert [r["custom_id"] for r in joined] == ["request-1", "request-2"]
@@ -340,7 +343,7 @@ def test_fsspec_url_input(tmp_path, kluster_env):
     result = batch_inference(
         input_path="memory://kluster-test/in.jsonl",
         output_path=str(tmp_path / "o.jsonl"),
-        poll_interval=0.05,
+        run={"poll_interval": 0.05},
     )
     assert [r["custom_id"] for r in read_jsonl(result.output_path)] == ["req-0", "req-1", "req-2"]
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from prefect.variables import Variable
-from prefect_kluster.flows import batch_inference, collect_batches
-from prefect_kluster.flows.pending import PENDING_PREFIX, PendingRecordTooLarge, list_pending
 
-from tests.helpers import read_jsonl, requests, write_jsonl
+from prefect_kluster.flows import batch_inference, collect_batches
+from prefect_kluster.tasks.pending import PENDING_PREFIX, list_pending, read_pending
+from tests.conftest import TEST_API_KEY
+from tests.helpers import grouped, read_jsonl, requests, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +32,20 @@ def test_submit_then_collect_gives_the_waiting_output(tmp_path, kluster_env):
     pending = batch_inference(
         input_path=str(src),
         output_path=str(tmp_path / "later.jsonl"),
-        wait=False,
-        max_requests_per_file=20,
+        run={"wait": False},
+        limits={"max_requests_per_file": 20},
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 2
     assert time.monotonic() - started < 15, "a run that does not wait returns at once"
     assert not (tmp_path / "later.jsonl").exists()
     records = list_pending()
     assert len(records) == 1
-    name, record = next(iter(records.items()))
+    name, pointer = next(iter(records.items()))
+    # The Variable only points at the run's state, which lives in its work directory.
+    assert set(pointer) == {"work_dir", "registered_at"}
+    record = read_pending(pointer["work_dir"])
     assert record["batch_ids"] == pending.batch_ids and "api_key" not in str(record)
+    assert TEST_API_KEY not in str(record) and TEST_API_KEY not in str(pointer)
 
     assert collect_batches() == {name: "running"}
     deadline = time.monotonic() + 60
@@ -61,8 +67,8 @@ def test_submit_then_collect_gives_the_waiting_output(tmp_path, kluster_env):
     waited = batch_inference(
         input_path=str(src),
         output_path=str(tmp_path / "waited.jsonl"),
-        poll_interval=0.05,
-        max_requests_per_file=20,
+        run={"poll_interval": 0.05},
+        limits={"max_requests_per_file": 20},
     )
     assert (tmp_path / "waited.jsonl").read_bytes() == (tmp_path / "later.jsonl").read_bytes()
     assert set(pending.batch_ids) <= set(waited.batch_ids)
@@ -73,7 +79,9 @@ def start_without_waiting(tmp_path, rows, name: str, **options):
     src = write_jsonl(tmp_path / f"{name}.in.jsonl", rows)
     out = tmp_path / f"{name}.jsonl"
     options.setdefault("poll_interval", 0.05)
-    pending = batch_inference(input_path=str(src), output_path=str(out), wait=False, **options)
+    pending = batch_inference(
+        input_path=str(src), output_path=str(out), **grouped(wait=False, **options)
+    )
     return pending, out
 
 
@@ -89,26 +97,32 @@ def collect_until_completed(after_each=None, timeout: float = 120) -> str | None
     return outcome
 
 
-def test_many_batches_are_collected_from_the_journal(tmp_path, kluster_env):
-    # 160 one-line shards: their batch ids do not fit in a Prefect Variable (5,000
-    # characters), so the record keeps the count and the collector reads the journal.
+def test_many_batches_are_collected_from_the_work_dir(tmp_path, kluster_env):
+    # 160 one-line shards: their batch ids would not fit in a Prefect Variable (5,000
+    # characters); the Variable holds a pointer and the state is in the work directory.
     rows = requests(160)
     pending, out = start_without_waiting(
         tmp_path, rows, "many", max_requests_per_file=1, max_concurrency=160
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 160
-    (record,) = list_pending().values()
-    assert record["batch_ids"] is None and record["batch_count"] == 160
+    (pointer,) = list_pending().values()
+    assert len(json.dumps(pointer)) < 500
+    assert sorted(read_pending(pointer["work_dir"])["batch_ids"]) == sorted(pending.batch_ids)
     assert collect_until_completed() == "completed" and list_pending() == {}
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
     assert kluster_env.stats()["requests"]["POST /v1/batches"] == 160
 
 
-def test_parameters_too_large_for_a_variable_are_refused_before_upload(tmp_path, kluster_env):
-    with pytest.raises(PendingRecordTooLarge, match="shorten metadata or paths, or wait=True"):
-        start_without_waiting(tmp_path, requests(3), "huge", metadata={"note": "x" * 6000})
-    assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
-    assert list_pending() == {}
+def test_parameters_larger_than_a_variable_are_fine(tmp_path, kluster_env):
+    # Parameters of any size go to the work directory, not into the Variable.
+    rows = requests(3)
+    pending, out = start_without_waiting(tmp_path, rows, "huge", metadata={"note": "x" * 6000})
+    assert pending.status == "pending"
+    (pointer,) = list_pending().values()
+    assert len(json.dumps(pointer)) < 500
+    assert read_pending(pointer["work_dir"])["parameters"]["run"]["metadata"]["note"] == "x" * 6000
+    assert collect_until_completed() == "completed"
+    assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
 
 
 def test_pending_runs_are_listed_past_one_page():
@@ -137,7 +151,8 @@ def test_max_concurrency_holds_while_not_waiting(tmp_path, kluster_env):
         tmp_path, rows, "capped", max_requests_per_file=5, max_concurrency=2
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 2
-    (record,) = list_pending().values()
+    (pointer,) = list_pending().values()
+    record = read_pending(pointer["work_dir"])
     assert record["queued"] == 4 and record["batch_ids"] == pending.batch_ids
     seen = [_running(kluster_env)]
     outcome = collect_until_completed(lambda: seen.append(_running(kluster_env)))

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import openai
 import pytest
+
 from prefect_kluster.flows import BatchRunError, batch_inference
 from prefect_kluster.flows.batch_inference import cancel_remote_batches_hook
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import SHA_KEY
-
 from tests.conftest import TEST_API_KEY
-from tests.helpers import read_jsonl, request, requests, write_jsonl
+from tests.helpers import grouped, read_jsonl, request, requests, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,9 @@ def run_flow(tmp_path: Path, rows: list[dict], name: str = "o.jsonl", **kwargs):
     if not src.exists():
         write_jsonl(src, rows)
     kwargs.setdefault("poll_interval", 0.05)
-    return batch_inference(input_path=str(src), output_path=str(tmp_path / name), **kwargs)
+    return batch_inference(
+        input_path=str(src), output_path=str(tmp_path / name), **grouped(**kwargs)
+    )
 
 
 def shard_batches(emulator) -> list[dict]:
@@ -164,7 +166,7 @@ def test_cancellation_hook_cancels_running_batches(tmp_path, kluster_env):
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
-    journal = Journal(tmp_path / "out.jsonl.work" / "journal.jsonl")
+    journal = Journal(str(tmp_path / "out.jsonl.work" / "state"))
     journal.record("submitted", "k1", batch_id=running.id)
     flow_run = SimpleNamespace(parameters={"output_path": str(tmp_path / "out.jsonl")})
     cancel_remote_batches_hook(None, flow_run, None)
@@ -205,7 +207,7 @@ def _env(emulator) -> dict[str, str]:
 
 
 def _reached(point: str, work: Path, emulator) -> bool:
-    journal = Journal(work / "journal.jsonl")
+    journal = Journal(str(work / "state"))
     if point == "after-upload":
         return any(e["event"] == "uploaded" for e in journal.events())
     if point == "after-submit":

@@ -9,10 +9,10 @@ import httpx
 import openai
 import pytest
 from prefect import flow
+
 from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
 from prefect_kluster.flows import batch_inference, cancel_batch_flow, list_models_flow
 from prefect_kluster.tasks import cancel_batch
-
 from tests.conftest import TEST_API_KEY
 from tests.helpers import requests
 
@@ -73,10 +73,10 @@ def test_key_appears_nowhere(tmp_path, emulator, monkeypatch, caplog):
         "secret-test", overwrite=True
     )
     result = batch_inference(
-        requests=requests(3),
         output_path=str(tmp_path / "a.jsonl"),
         credentials_block="secret-test",
-        poll_interval=0.05,
+        requests={"requests": requests(3)},
+        run={"poll_interval": 0.05},
     )
     # 2. the KLUSTER_* environment fallback
     monkeypatch.setenv("KLUSTER_API_KEY", TEST_API_KEY)

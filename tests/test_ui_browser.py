@@ -69,7 +69,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("ui-e2e")
     with ExitStack() as stack:
         server, _, env = server_and_emulator(
-            stack, base, TEST_API_KEY, PREFECT_RUNNER_POLL_FREQUENCY="1"
+            stack,
+            base,
+            TEST_API_KEY,
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            KLUSTER_STORAGE_ROOTS=str(base),  # the runs' files are under the test's folder
         )
         serve = stack.enter_context(
             process(
@@ -169,6 +173,6 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
     assert run.state is not None and run.state.is_completed(), run.state
     assert run.parameters["input_path"] == str(source)
     assert run.parameters["output_path"] == str(output)
-    assert run.parameters["poll_interval"] == 0.2
+    assert run.parameters["run"]["poll_interval"] == 0.2
     got = [line["custom_id"] for line in read_jsonl(output)]
     assert sorted(got) == sorted(r["custom_id"] for r in rows)

@@ -1,5 +1,7 @@
 """The command line: ``python -m flows.batch_inference`` (or ``kluster-batch``).
 
+It lives outside the ``flows`` package so it can start without importing Prefect.
+
 What can be checked without Prefect (flags, credentials in the environment, paths, the
 service being reachable) is checked first, in a second or two, so a mistake is reported
 before a temporary Prefect server starts. Every error is one or two lines a user can act
@@ -119,15 +121,21 @@ def preflight(args: argparse.Namespace) -> None:
             "no kluster.ai API key: set KLUSTER_API_KEY (environment or .env), or name a saved "
             "block with --credentials-block"
         )
-    from prefect_kluster.tasks import storage
-
     for label, path in (("input file", args.input), ("prompts file", args.prompts_file)):
-        if path and not storage.exists(path):
+        if path and not _exists(path):
             raise CliError(f"{label} {path} does not exist")
-    if not args.overwrite and storage.exists(args.output):
+    if not args.overwrite and _exists(args.output):
         raise CliError(f"{args.output} already exists; pass --overwrite to replace it")
     if not args.credentials_block and not args.emulator:
         probe_service(os.environ["KLUSTER_BASE_URL"], os.environ.get("KLUSTER_API_KEY", ""))
+
+
+def _exists(path: str) -> bool:
+    """Whether a local path or fsspec URL exists (fsspec alone: no Prefect import)."""
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(path)
+    return bool(fs.exists(inner))
 
 
 def probe_service(base_url: str, api_key: str) -> None:

@@ -1,0 +1,71 @@
+"""The command line as a new user meets it: mistakes are named at once, before Prefect starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import requests, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KLUSTER_", "PREFECT_API"))}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.batch_inference", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        timeout=timeout,
+    )
+    return done, time.monotonic() - started
+
+
+def test_missing_key_is_refused_at_once_with_no_server(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", requests(2))
+    done, seconds = _cli(str(src), "-o", str(tmp_path / "o.jsonl"), env={"HOME": str(tmp_path)})
+    assert done.returncode == 1
+    assert "no kluster.ai API key" in done.stderr and "KLUSTER_API_KEY" in done.stderr
+    assert "temporary server" not in done.stdout + done.stderr, "no Prefect server started"
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    assert seconds < 3, f"took {seconds:.1f} s"
+
+
+def test_missing_input_and_existing_output_are_refused_at_once(tmp_path):
+    env = {"KLUSTER_API_KEY": "k", "HOME": str(tmp_path)}
+    done, seconds = _cli(str(tmp_path / "nope.jsonl"), env=env)
+    assert done.returncode == 1 and "nope.jsonl does not exist" in done.stderr
+    out = tmp_path / "o.jsonl"
+    out.write_text("keep\n")
+    src = write_jsonl(tmp_path / "in.jsonl", requests(1))
+    done, seconds = _cli(str(src), "-o", str(out), env=env)
+    assert done.returncode == 1 and "already exists; pass --overwrite" in done.stderr
+    assert out.read_text() == "keep\n" and seconds < 3
+
+
+def test_bad_flags_are_refused_by_the_parser(tmp_path):
+    done, _ = _cli("x.jsonl", "--poll-interval", "0")
+    assert done.returncode == 2 and "--poll-interval must be a positive" in done.stderr
+
+
+def test_unreachable_service_names_the_url_and_the_attempts(tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    src = write_jsonl(tmp_path / "in.jsonl", requests(1))
+    env = {"KLUSTER_API_KEY": "k", "KLUSTER_BASE_URL": url, "HOME": str(tmp_path)}
+    done, seconds = _cli(str(src), "-o", str(tmp_path / "o.jsonl"), env=env)
+    assert done.returncode == 1
+    assert f"cannot reach the kluster.ai API at {url}" in done.stderr
+    assert "2 attempt(s)" in done.stderr and "Check KLUSTER_BASE_URL" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    assert seconds < 10, f"took {seconds:.1f} s"
