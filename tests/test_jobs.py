@@ -235,3 +235,23 @@ def test_the_paid_create_call_is_made_once(tmp_path, emulator, credentials):
         job.trigger()
     assert emulator.stats()["requests"]["POST /v1/batches"] == 1
     assert len(emulator.stats()["batches"]) == 1  # made once, answer lost: look before rerunning
+
+
+def test_the_wait_outlives_transient_status_errors(tmp_path, emulator, credentials, caplog):
+    emulator.configure(lines_per_second=20)  # about a second: several status checks
+    job, ids = _job(tmp_path, credentials.model_copy(update={"max_retries": 0}), n=20)
+    run = job.trigger()
+    emulator.configure(fault_rate=0.5, fault_routes=["GET /v1/batches/{id}"], fault_seed=3)
+    assert run.wait_for_completion().status == "completed"
+    assert sum(emulator.stats()["faults_injected"].values()) > 0
+    assert "checking again later" in caplog.text
+    emulator.configure(fault_rate=0.0)
+    assert len(run.fetch_result()) == len(ids)
+
+
+def test_a_wait_on_an_unknown_batch_fails_at_once(tmp_path, emulator, credentials):
+    job, _ = _job(tmp_path, credentials, timeout_seconds=30)
+    started = time.monotonic()
+    with pytest.raises(openai.NotFoundError):
+        KlusterBatchJobRun(job, "batch_does_not_exist").wait_for_completion()
+    assert time.monotonic() - started < 5
