@@ -153,13 +153,14 @@ class ModelNotAllowed(Exception):
 # --- the cost estimate's share of the pass ------------------------------------------------
 # Prompt tokens of a request, from its text alone (no tokenizer in the pass: one would cost
 # more than the decode itself). Central: pure-ASCII text at 0.24 tokens a character; other
-# text at 0.29 a ASCII character plus 0.23 a byte of its non-ASCII UTF-8. Fitted against
-# Llama 3's and Qwen's tokenizers; measured by benchmarks/cost_bench.py (tasks.cost says
-# the figures). Upper: the text's UTF-8 bytes, a bound no byte-level BPE (Llama 3, Qwen,
-# DeepSeek) can exceed, since each of its tokens stands for at least one byte.
+# text at 0.297 a character plus 0.185 a UTF-8 byte beyond the first of each character
+# (one encode, no count of scripts). Fitted on real translated text against Llama 3's and
+# Qwen's tokenizers; benchmarks/cost_bench.py measures it (tasks.cost quotes the figures).
+# Upper: the text's UTF-8 bytes, a bound no byte-level BPE (Llama 3, Qwen, DeepSeek) can
+# exceed, since each of its tokens stands for at least one byte.
 ASCII_TOKENS_PER_CHAR = 0.24
-MIXED_ASCII_TOKENS_PER_CHAR = 0.29
-NON_ASCII_TOKENS_PER_BYTE = 0.23
+TOKENS_PER_CHAR = 0.297
+TOKENS_PER_EXTRA_BYTE = 0.185
 # A chat template's tokens around the text, (central, upper): once a request (begin of text,
 # the assistant header; a default system prompt some templates add), once a message (its
 # header and end-of-turn mark). Llama 3's template uses 5 and 5.
@@ -169,66 +170,82 @@ MESSAGE_TOKENS = (5, 8)
 # for a 1,000-pixel-square image and at most 16,384 (its default max_pixels, 12,845,056).
 IMAGE_TOKENS = (1300, 16384)
 
-# Per model: lines, central prompt tokens, upper prompt tokens, the sum of the answer
-# limits the lines set (max_completion_tokens, else max_tokens), lines that set none.
-LINES, CENTRAL, UPPER, CAPPED, UNCAPPED = range(5)
+# Per model, all integers: lines, messages, image parts, characters of pure-ASCII texts,
+# characters and UTF-8 bytes of the other texts, the sum of the answer limits that lines
+# set (max_completion_tokens, else max_tokens), and the lines that set none.
+LINES, MESSAGES, IMAGES, ASCII_CHARS, OTHER_CHARS, OTHER_BYTES, LIMITED, UNLIMITED = range(8)
+
+
+def prompt_tokens(counts: list[int]) -> tuple[float, int]:
+    """(central, upper) prompt tokens from one model's counts."""
+    central = (
+        REQUEST_TOKENS[0] * counts[LINES]
+        + MESSAGE_TOKENS[0] * counts[MESSAGES]
+        + IMAGE_TOKENS[0] * counts[IMAGES]
+        + ASCII_TOKENS_PER_CHAR * counts[ASCII_CHARS]
+        + TOKENS_PER_CHAR * counts[OTHER_CHARS]
+        + TOKENS_PER_EXTRA_BYTE * (counts[OTHER_BYTES] - counts[OTHER_CHARS])
+    )
+    upper = (
+        REQUEST_TOKENS[1] * counts[LINES]
+        + MESSAGE_TOKENS[1] * counts[MESSAGES]
+        + IMAGE_TOKENS[1] * counts[IMAGES]
+        + counts[ASCII_CHARS]
+        + counts[OTHER_BYTES]
+    )
+    return central, upper
 
 
 class BlockCost:
-    """Token tallies per model over some request lines, added up as the lines are checked.
-
-    Kept as plain lists so the helper can send them back as JSON and the caller can add
-    blocks together; ``prefect_kluster.tasks.cost`` prices them.
+    """What the cost estimate needs of some request lines, per model, counted as the
+    lines are checked: integers only (``prompt_tokens`` turns them into tokens), so the
+    helper can send them as JSON and blocks add up exactly.
     """
 
     __slots__ = ("models",)
 
-    def __init__(self, models: dict[str, list[float]] | None = None) -> None:
-        self.models: dict[str, list[float]] = models if models is not None else {}
+    def __init__(self, models: dict[str, list[int]] | None = None) -> None:
+        self.models: dict[str, list[int]] = models if models is not None else {}
 
     def add(self, body: RequestBody) -> None:
-        """Count one valid request's prompt (central and upper) and its answer limit."""
-        central, upper = REQUEST_TOKENS
-        message_central, message_upper = MESSAGE_TOKENS
-        image_central, image_upper = IMAGE_TOKENS
-        for message in body.messages:
-            central += message_central
-            upper += message_upper
+        """Count one valid request: its messages, images, text sizes and answer limit."""
+        ascii_chars = other_chars = other_bytes = images = 0
+        messages = body.messages
+        for message in messages:
             content = message.content
-            for part in (content,) if content.__class__ is str else content:
-                if part.__class__ is str:
-                    text = part
-                elif part.__class__ is TextPart:
-                    text = part.text
+            if content.__class__ is str:
+                if content.isascii():
+                    ascii_chars += len(content)
                 else:
-                    central += image_central
-                    upper += image_upper
+                    other_chars += len(content)
+                    other_bytes += len(content.encode())
+                continue
+            for part in content:
+                if part.__class__ is not TextPart:
+                    images += 1
                     continue
+                text = part.text
                 if text.isascii():
-                    size = len(text)
-                    central += size * ASCII_TOKENS_PER_CHAR
-                    upper += size
+                    ascii_chars += len(text)
                 else:
-                    size = len(text.encode())
-                    ascii_chars = len(text.encode("ascii", "ignore"))
-                    central += (
-                        ascii_chars * MIXED_ASCII_TOKENS_PER_CHAR
-                        + (size - ascii_chars) * NON_ASCII_TOKENS_PER_BYTE
-                    )
-                    upper += size
+                    other_chars += len(text)
+                    other_bytes += len(text.encode())
         tally = self.models.get(body.model)
         if tally is None:
-            tally = self.models[body.model] = [0, 0.0, 0, 0, 0]
-        tally[LINES] += 1
-        tally[CENTRAL] += central
-        tally[UPPER] += upper
+            tally = self.models[body.model] = [0, 0, 0, 0, 0, 0, 0, 0]
+        tally[0] += 1
+        tally[1] += len(messages)
+        tally[2] += images
+        tally[3] += ascii_chars
+        tally[4] += other_chars
+        tally[5] += other_bytes
         cap = body.max_completion_tokens
         if cap is None:
             cap = body.max_tokens
         if cap is None:
-            tally[UNCAPPED] += 1
+            tally[7] += 1
         else:
-            tally[CAPPED] += cap
+            tally[6] += cap
 
     def merge(self, other: BlockCost) -> None:
         for model, counts in other.models.items():
@@ -244,7 +261,7 @@ class BlockCost:
 
     @classmethod
     def unpack(cls, blob: bytes) -> BlockCost:
-        return cls(msgspec.json.decode(blob, type=dict[str, list[float]]))
+        return cls(msgspec.json.decode(blob, type=dict[str, list[int]]))
 
 
 def check_requests(

@@ -31,14 +31,7 @@ from typing import Any, Protocol
 import msgspec
 from pydantic import BaseModel, Field
 
-from prefect_kluster.tasks._lines import (
-    CAPPED,
-    CENTRAL,
-    LINES,
-    UNCAPPED,
-    UPPER,
-    BlockCost,
-)
+from prefect_kluster.tasks._lines import LIMITED, LINES, UNLIMITED, BlockCost, prompt_tokens
 
 __all__ = [
     "BUILT_IN_PRICES",
@@ -255,18 +248,17 @@ class RequestTally(BaseModel):
 
     @classmethod
     def from_block_cost(cls, cost: BlockCost) -> RequestTally:
-        return cls(
-            models={
-                model: ModelTally(
-                    lines=int(counts[LINES]),
-                    prompt_tokens_central=round(counts[CENTRAL]),
-                    prompt_tokens_upper=int(counts[UPPER]),
-                    completion_tokens_limited=int(counts[CAPPED]),
-                    lines_without_limit=int(counts[UNCAPPED]),
-                )
-                for model, counts in sorted(cost.models.items())
-            }
-        )
+        models = {}
+        for model, counts in sorted(cost.models.items()):
+            central, upper = prompt_tokens(counts)
+            models[model] = ModelTally(
+                lines=counts[LINES],
+                prompt_tokens_central=round(central),
+                prompt_tokens_upper=upper,
+                completion_tokens_limited=counts[LIMITED],
+                lines_without_limit=counts[UNLIMITED],
+            )
+        return cls(models=models)
 
 
 # --- the estimate ---------------------------------------------------------------------
