@@ -372,3 +372,22 @@ def test_usage_by_model_reads_a_joined_file(tmp_path: Path) -> None:
 def test_tally_round_trips_as_json() -> None:
     tally = RequestTally.model_validate({"models": {R1: {"lines": 2, "prompt_tokens_upper": 9}}})
     assert RequestTally.model_validate_json(tally.model_dump_json()) == tally
+
+
+def test_cost_bench_runs_and_prints_its_figures() -> None:
+    """benchmarks/cost_bench.py on a small file: both speeds, their ratio, the errors."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "cost_bench.py"), "--n", "3000"]
+        + ["--repeat", "1", "--sample", "500", "--no-languages"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    out = done.stdout
+    assert out.count("without estimate") == 2 and out.count("ratio") == 2
+    assert out.count("lines where upper < real: 0") == 2
