@@ -262,19 +262,24 @@ def reserve(
 
 def settle(reservation: Reservation, spent_usd: float) -> Reservation:
     """The run ended having spent ``spent_usd``: keep that much of the budget used and give
-    back the rest of the reservation. Settling twice changes nothing."""
+    back the rest of the reservation. Settling twice changes nothing. A reservation
+    settled at nothing is released: its record is deleted, as it holds nothing."""
     with _client() as client:
         current = client.read_variable_by_name(reservation.variable)
-        if current is not None:
-            stored = Reservation.model_validate(current.value)
-            if stored.state != "reserved":
-                return stored
+        if current is None:
+            return reservation.model_copy(update={"state": "released", "spent_usd": 0.0})
+        stored = Reservation.model_validate(current.value)
+        if stored.state != "reserved":
+            return stored
         spent_slots = math.ceil(Decimal(str(spent_usd)) / SLOT_USD) if spent_usd > 0 else 0
         settled = reservation.model_copy(
             update={"state": "settled" if spent_usd > 0 else "released", "spent_usd": spent_usd}
         )
         # The record first: if the release below is lost, the budget errs on the safe side.
-        _save(client, settled)
+        if spent_slots:
+            _save(client, settled)
+        else:
+            client.delete_variable_by_name(reservation.variable)
         give_back = reservation.slots - spent_slots
         if give_back > 0:
             client.release_concurrency_slots(
@@ -298,13 +303,18 @@ def release(reservation: Reservation) -> Reservation:
 def release_finished(limit: SpendingLimit, now: datetime | None = None) -> list[Reservation]:
     """Release the reservations of runs that ended without settling (crashed, killed):
     their flow run is in a final state on the server. Returns what was released."""
+    from prefect.exceptions import ObjectNotFound
+
     with _client() as client:
         held = [r for r in _reservations(client, limit.limit_name(now)) if r.state == "reserved"]
         ended = []
         for reservation in held:
             if not reservation.flow_run_id:
                 continue
-            run = client.read_flow_run(uuid.UUID(reservation.flow_run_id))
+            try:
+                run = client.read_flow_run(uuid.UUID(reservation.flow_run_id))
+            except (ObjectNotFound, ValueError):
+                continue
             if run.state is not None and run.state.type.value in _FINAL_STATES:
                 ended.append(reservation)
     return [release(r) for r in ended]

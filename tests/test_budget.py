@@ -65,8 +65,12 @@ def test_two_runs_started_together_only_one_fits() -> None:
     assert budget_status(limit).used_usd == 10.0
     with pytest.raises(BudgetRefused, match=r"Spent this period: \$2.50 by run 'run-"):
         reserve(limit, 0.01, "third")
-    # A failed or cancelled run gives its whole reservation back.
+    # A failed or cancelled run gives its whole reservation back (and leaves no record).
     assert release(second).state == "released"
+    status = budget_status(limit)
+    assert status.used_usd == 2.5
+    assert [(r.state, r.spent_usd) for r in status.reservations] == [("settled", 2.5)]
+    assert release(second).state == "released"  # twice changes nothing
     assert budget_status(limit).used_usd == 2.5
 
 
