@@ -16,9 +16,12 @@ from typing import Any
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefect_kluster.emulator import EmulatorConfig, run_emulator
 from prefect_kluster.emulator.pricing import window_price
+from prefect_kluster.emulator.responder import count_tokens
 from prefect_kluster.tasks import _lines as line_work
 from prefect_kluster.tasks import build as build_module
 from prefect_kluster.tasks.build import shard_and_tally, shard_request_file
@@ -391,3 +394,15 @@ def test_cost_bench_runs_and_prints_its_figures() -> None:
     out = done.stdout
     assert out.count("without estimate") == 2 and out.count("ratio") == 2
     assert out.count("lines where upper < real: 0") == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=200), st.sampled_from([LLAMA, QWEN]))
+def test_no_text_has_more_tokens_than_utf8_bytes(text: str, model: str) -> None:
+    """The upper bound's premise, for both tokenizers the emulator bills with: any text,
+    any script, never more tokens than UTF-8 bytes (surrogates cannot be sent as UTF-8)."""
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        return
+    assert count_tokens(model, text) <= size
