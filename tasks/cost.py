@@ -402,7 +402,8 @@ class CostEstimate(BaseModel):
 def estimate_cost(
     tally: RequestTally, prices: PriceTable, windows: Iterable[str] = WINDOWS
 ) -> CostEstimate:
-    """Price what the validation pass counted, per model and window."""
+    """Price what the validation pass counted, per model and window (give the run's own
+    window among ``windows`` if it is not one of the usual three)."""
     shown = list(dict.fromkeys(windows))
     estimates: list[ModelEstimate] = []
     unpriced: list[str] = []
@@ -472,9 +473,10 @@ class BudgetExceeded(Exception):
         costly = ", ".join(
             f"{m.model} {format_usd(m.cost[window].upper)}" for m in estimate.costliest(window)
         )
-        if estimate.unpriced_models:
+        self.unpriced = [m.model for m in estimate.models if window not in m.cost]
+        if self.unpriced:
             reason = (
-                f"no price is known for {', '.join(estimate.unpriced_models)} in {window}, so "
+                f"no price is known for {', '.join(self.unpriced)} in {window}, so "
                 f"the cost cannot be held under the cap of {format_usd(max_cost)}; give its "
                 f"price with the price overrides (priced models: at most "
                 f"{format_usd(self.upper_usd)})"
@@ -497,7 +499,8 @@ def check_budget(estimate: CostEstimate, max_cost: float | None, window: str) ->
     (or a model has no price there, so no bound is known)."""
     if max_cost is None:
         return
-    if estimate.unpriced_models or estimate.upper_usd(window) > max_cost:
+    unpriced = any(window not in m.cost for m in estimate.models)
+    if unpriced or estimate.upper_usd(window) > max_cost:
         raise BudgetExceeded(estimate, max_cost, window)
 
 

@@ -305,6 +305,12 @@ def test_budget_cap_names_the_estimate_the_cap_and_the_costliest_models(
     assert unknown.unpriced_models == [R1, LLAMA]
     with pytest.raises(BudgetExceeded, match="no price is known"):
         check_budget(unknown, 1000.0, "24h")
+    # A window the estimate was not priced for is no free pass either.
+    with pytest.raises(BudgetExceeded, match=r"no price is known for .* in 1h"):
+        check_budget(estimate, 1000.0, "1h")
+    hourly = BUILT_IN_PRICES.with_overrides({R1: {"1h": {"input": 5, "output": 6}}})
+    with pytest.raises(BudgetExceeded, match=f"no price is known for {LLAMA} in 1h"):
+        check_budget(estimate_cost(tally, hourly, [*WINDOWS, "1h"]), 1000.0, "1h")
 
 
 def test_estimate_adds_no_second_read_and_helper_counts_the_same(
