@@ -10,15 +10,19 @@ stays the source of truth), pays only if nothing is there, and releases the clai
 the batch is recorded. A run that finds the claim taken waits for its release and then
 finds the holder's batch on the service.
 
-A holder that died keeps its claim: once its flow run is over (crashed, failed,
-cancelled) or the claim is older than ``STALE_AFTER`` seconds, the next run takes over by
-creating the next generation of the claim (again create-once, so one taker wins).
+A holder renews its claim every ``RENEW_EVERY`` seconds while it holds it. A holder that
+died keeps its claim until the next run sees that it is gone: its process is not running
+(same host), its flow run is over (crashed, failed, cancelled), or the claim has not been
+renewed for ``STALE_AFTER`` seconds (another host); that run then takes over by creating
+the next generation of the claim (again create-once, so one taker wins).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,12 +30,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import VariableCreate
+from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 CLAIM_PREFIX = "kluster_claim_"
-STALE_AFTER = 900.0
+STALE_AFTER = 60.0
+RENEW_EVERY = 10.0
 WAIT_STEP = 0.5
 T = TypeVar("T")
 _PROCESS_OWNER = f"process-{uuid.uuid4().hex[:12]}"
@@ -56,6 +61,8 @@ class Claim:
     generation: int
     owner: str
     at: float
+    host: str = ""
+    pid: int = 0
 
     @property
     def mine(self) -> bool:
@@ -76,25 +83,87 @@ def _claims(key: str) -> list[Claim]:
         except ValueError:
             continue
         claims.append(
-            Claim(key, variable["name"], generation, value.get("owner", ""), value.get("at", 0))
+            Claim(
+                key,
+                variable["name"],
+                generation,
+                value.get("owner", ""),
+                value.get("at", 0),
+                value.get("host", ""),
+                int(value.get("pid") or 0),
+            )
         )
     return sorted(claims, key=lambda c: c.generation)
 
 
+def _value(key: str) -> dict[str, object]:
+    return {
+        "owner": owner_id(),
+        "at": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "key": key,
+    }
+
+
 def _create(key: str, generation: int) -> Claim | None:
     name = f"{_base(key)}{generation}"
-    value = {"owner": owner_id(), "at": time.time(), "host": socket.gethostname(), "key": key}
+    value = _value(key)
     with get_client(sync_client=True) as client:
         try:
             client.create_variable(VariableCreate(name=name, value=value))
         except ObjectAlreadyExists:
             return None
-    return Claim(key, name, generation, value["owner"], value["at"])
+    claim = Claim(key, name, generation, owner_id(), time.time(), socket.gethostname(), os.getpid())
+    _Renewer.start(claim)
+    return claim
+
+
+class _Renewer:
+    """Renews the claims this process holds, so others can tell a live holder from a
+    dead one on another host."""
+
+    _lock = threading.Lock()
+    _held: dict[str, Claim] = {}
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, claim: Claim) -> None:
+        with cls._lock:
+            cls._held[claim.name] = claim
+            if cls._thread is None or not cls._thread.is_alive():
+                cls._thread = threading.Thread(target=cls._run, name="kluster-claims", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def stop(cls, name: str) -> None:
+        with cls._lock:
+            cls._held.pop(name, None)
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            time.sleep(RENEW_EVERY)
+            with cls._lock:
+                held = list(cls._held.values())
+            if not held:
+                continue
+            try:
+                with get_client(sync_client=True) as client:
+                    for claim in held:
+                        client.update_variable(
+                            VariableUpdate(name=claim.name, value=_value(claim.key))
+                        )
+            except Exception:  # the next renewal tries again; a lapse only risks a takeover
+                continue
 
 
 def _holder_gone(claim: Claim) -> bool:
-    """The claim's flow run has ended, or the claim is older than ``STALE_AFTER``."""
+    """The claim's process is gone (same host), its flow run has ended, or it has not
+    been renewed for ``STALE_AFTER`` seconds."""
     if time.time() - claim.at > STALE_AFTER:
+        return True
+    if claim.host == socket.gethostname() and claim.pid and not _alive(claim.pid):
         return True
     try:
         run_id = uuid.UUID(claim.owner)
@@ -127,10 +196,21 @@ def acquire(key: str, on_wait: Callable[[Claim], None] | None = None) -> Claim:
         time.sleep(WAIT_STEP)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def release(key: str) -> None:
     """Drop every generation of the key's claim (the batch is on the service now)."""
     with get_client(sync_client=True) as client:
         for claim in _claims(key):
+            _Renewer.stop(claim.name)
             try:
                 client.delete_variable_by_name(claim.name)
             except ObjectNotFound:

@@ -216,7 +216,7 @@ def _reached(point: str, work: Path, emulator) -> bool:
         return any(
             b["status"] == "in_progress" and b["completed"] > 0 for b in emulator.stats()["batches"]
         )
-    return any(work.rglob("*.part"))
+    return any(work.rglob("*.output.jsonl.*.tmp"))  # a download under its temporary name
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
