@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
 from prefect_kluster.flows.options import (
+    BudgetSettings,
     Limits,
     OutputOptions,
     RequestOptions,
@@ -35,11 +36,23 @@ from prefect_kluster.flows.options import (
 )
 from prefect_kluster.flows.reporting import (
     create_batch_progress,
+    emit_run_cost,
+    publish_cost_estimate,
     publish_run_summary,
     update_batch_progress,
 )
-from prefect_kluster.tasks import storage
-from prefect_kluster.tasks.build import build_request_file, validate_and_shard
+from prefect_kluster.tasks import budget, storage
+from prefect_kluster.tasks.build import build_request_file, validate_shard_and_estimate
+from prefect_kluster.tasks.cost import (
+    WINDOWS,
+    ActualCost,
+    CostEstimate,
+    actual_cost,
+    check_budget,
+    format_usd,
+    load_prices,
+    usage_by_model,
+)
 from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.join import JoinSummary, OutputExistsError, parquet_path_for
 from prefect_kluster.tasks.journal import Journal
@@ -87,6 +100,13 @@ class BatchRunResult(BaseModel):
     output_path: str
     work_dir: str = ""
     parquet_path: str | None = None
+    estimate: CostEstimate | None = Field(
+        None, description="The cost estimate per model and window, made before any upload."
+    )
+    cost_usd: float | None = Field(
+        None, description="Dollars spent: the results' usage times the window's prices."
+    )
+    cost: ActualCost | None = None
     output_files: list[str]
     error_files: list[str]
     shards: list[ShardResult]
@@ -234,9 +254,15 @@ def run_work_dir(parameters: dict[str, Any]) -> str:
 
 
 def cancel_remote_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
-    """on_cancellation hook: a cancelled flow run cancels its batches still running."""
+    """on_cancellation hook: a cancelled flow run cancels its batches still running and
+    gives back its budget reservation."""
     params = flow_run.parameters or {}
-    batch_ids = Journal(storage.join(run_work_dir(params), "state")).batch_ids()
+    work = run_work_dir(params)
+    reservation_path = _reservation_path(work)
+    if storage.exists(reservation_path):
+        budget.release(budget.Reservation.model_validate_json(storage.read_bytes(reservation_path)))
+        storage.remove(reservation_path)
+    batch_ids = Journal(storage.join(work, "state")).batch_ids()
     if not batch_ids:
         return
     credentials = resolve_credentials(params.get("credentials_block"))
@@ -348,13 +374,24 @@ def batch_inference(
             template=requests.template,
         )
     allowed = [m.id for m in list_models(credentials)] if run.check_models else None
-    shards = validate_and_shard(
+    with credentials.get_client() as client:
+        prices = load_prices(client, run.prices)
+    windows = list(dict.fromkeys([run.completion_window, *WINDOWS]))
+    shards, estimate = validate_shard_and_estimate(
         source,
         storage.join(work, "shards"),
+        prices,
         limits.max_file_bytes,
         limits.max_requests_per_file,
         allowed,
+        windows,
     )
+    publish_cost_estimate(estimate)
+    check_budget(estimate, limits.max_cost, run.completion_window)  # refused before paying
+    if run.estimate_only:
+        logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
+        return _estimate_result(estimate, output_path, work)
+    reservation = _reserve_budget(work, estimate.upper_usd(run.completion_window), output_path)
     total_lines = sum(s.lines for s in shards)
     progress_id = create_batch_progress(total_lines)
 
@@ -377,10 +414,12 @@ def batch_inference(
             known = known + [r.batch for r in finished if r.batch.id not in seen]
             known = known + [b for b in running if b.id not in seen]
             if running or queued:
-                return _pending_result(
+                pending = _pending_result(
                     state, output_path, credentials_block, input_path, source, requests,
                     output, limits, running, finished, queued, round_no,
                 )  # fmt: skip
+                pending.estimate = estimate
+                return pending
             all_results += finished
             result_files += [p for r in finished for p in (r.output_file, r.error_file) if p]
             joined = storage.join(work, f"round-{round_no}", "joined.jsonl")
@@ -401,12 +440,16 @@ def batch_inference(
                     credentials, since=journal.first_intent_time_any()
                 )
     except BatchWaitTimeout as exc:
+        _release_budget(work, reservation)
         cancelled = cancel_running_batches(credentials, journal.batch_ids())
         raise BatchRunError(
             f"timed out after {run.timeout:g} s waiting for batch {exc.batch.id} "
             f"({exc.batch.status} {exc.batch.progress}); cancelled {len(cancelled)} running "
             "batch(es). Rerun with the same inputs to collect what finished."
         ) from exc
+    except BaseException:
+        _release_budget(work, reservation)
+        raise
     finally:
         forget_run()
 
@@ -420,6 +463,10 @@ def batch_inference(
         write_parquet(output_path, parquet_path)
         summary.parquet_path = parquet_path
     unregister_pending(work)
+    cost = actual_cost(usage_by_model(output_path), prices, run.completion_window)
+    if reservation is not None:
+        budget.settle(reservation, cost.total_usd)
+        storage.remove(_reservation_path(work))
     last_round = [r.batch for r in all_results if r.round == round_no]
     batches = [r.batch for r in all_results]
     result = BatchRunResult(
@@ -435,12 +482,20 @@ def batch_inference(
         error_files=[r.error_file for r in all_results if r.error_file],
         shards=all_results,
         summary=summary,
+        estimate=estimate,
+        cost_usd=cost.total_usd,
+        cost=cost,
     )
     update_batch_progress(progress_id, summary.requests, summary.requests)
-    publish_run_summary(batches, summary, result.status)
+    cost_rows = [
+        ("Estimated cost", estimate.summary_line(run.completion_window)),
+        ("Actual cost", f"{format_usd(cost.total_usd)} ({cost.window}; {cost.price_source})"),
+    ]
+    publish_run_summary(batches, summary, result.status, extra_rows=cost_rows)
+    emit_run_cost(estimate, cost, output_path)
     logger.info(
         "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
-        "completion tokens; results in %s",
+        "completion tokens; cost %s (estimated %s); results in %s",
         result.status,
         round_no,
         summary.requests,
@@ -448,6 +503,8 @@ def batch_inference(
         summary.failed,
         summary.usage.prompt_tokens,
         summary.usage.completion_tokens,
+        format_usd(cost.total_usd),
+        estimate.summary_line(run.completion_window),
         output_path,
     )
     if result.status != "completed":
@@ -464,6 +521,57 @@ def batch_inference(
             result,
         )
     return result
+
+
+def _reservation_path(work: str) -> str:
+    return storage.join(work, "budget", "reservation.json")
+
+
+def _reserve_budget(work: str, amount_usd: float, label: str) -> budget.Reservation | None:
+    """Hold the run's upper estimate of the shared budget (if one is set) before paying.
+    A rerun or the collector of the same run finds its reservation in the work directory
+    instead of reserving twice."""
+    limit = BudgetSettings().limit()
+    if limit is None:
+        return None
+    path = _reservation_path(work)
+    if storage.exists(path):
+        return budget.Reservation.model_validate_json(storage.read_bytes(path))
+    ctx = FlowRunContext.get()
+    run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+    reservation = budget.reserve(limit, amount_usd, label, run_id)
+    storage.write_bytes(path, reservation.model_dump_json().encode())
+    get_run_logger().info(
+        "Reserved %s of the %s budget %r", format_usd(amount_usd), limit.period, limit.name
+    )
+    return reservation
+
+
+def _release_budget(work: str, reservation: budget.Reservation | None) -> None:
+    """The run failed or was cancelled: give its reservation back."""
+    if reservation is None:
+        return
+    try:
+        budget.release(reservation)
+        storage.remove(_reservation_path(work))
+    except Exception as exc:  # the failure that got here matters more
+        get_run_logger().warning("Could not release the budget reservation: %s", exc)
+
+
+def _estimate_result(estimate: CostEstimate, output_path: str, work: str) -> BatchRunResult:
+    return BatchRunResult(
+        status="estimated",
+        batch_ids=[],
+        rounds=0,
+        request_counts=RequestCounts(),
+        usage=TokenUsage(),
+        output_path=output_path,
+        work_dir=work,
+        output_files=[],
+        error_files=[],
+        shards=[],
+        estimate=estimate,
+    )
 
 
 def _pending_result(

@@ -8,11 +8,12 @@ In Python a group is a model or a plain dict: ``run={"wait": False}``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefect_kluster.tasks.budget import SpendingLimit
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES
 
 
@@ -109,10 +110,28 @@ class RunOptions(_Group):
         description="Tells apart runs of the same inputs that must not share batches (set "
         "automatically by resubmit).",
     )
+    estimate_only: bool = Field(
+        False,
+        description="Validate and price the requests, pay nothing: the estimate per model "
+        "and completion window is left as an artifact.",
+    )
+    prices: dict[str, dict[str, dict[str, float]]] | None = Field(
+        None,
+        description='Price overrides, dollars per million tokens: {"model": {"24h": '
+        '{"input": 0.05, "output": 0.05}}}; they win over the service\'s and the built-in '
+        "prices.",
+    )
 
 
 class Limits(_Group):
-    """Limits: file sizes, concurrency."""
+    """Limits: money, file sizes, concurrency."""
+
+    max_cost: float | None = Field(
+        None,
+        gt=0,
+        description="Dollars: a run whose upper-bound estimate in its completion window is "
+        "over this is refused before any upload.",
+    )
 
     max_file_bytes: int = Field(
         DEFAULT_MAX_FILE_BYTES,
@@ -142,3 +161,21 @@ class StorageSettings(BaseSettings):
     @property
     def roots(self) -> list[str]:
         return [r.strip() for r in self.storage_roots.split(",") if r.strip()]
+
+
+class BudgetSettings(BaseSettings):
+    """A spending limit every run shares, set where the flow runs (never a parameter):
+    ``KLUSTER_BUDGET_USD`` dollars per ``KLUSTER_BUDGET_PERIOD`` (``daily`` or ``monthly``,
+    UTC) for the budget named ``KLUSTER_BUDGET_NAME``. Runs reserve their upper estimate
+    before paying and settle to what they spent."""
+
+    model_config = SettingsConfigDict(env_prefix="KLUSTER_BUDGET_", env_file=".env", extra="ignore")
+
+    usd: float | None = Field(None, gt=0)
+    period: Literal["daily", "monthly"] = "monthly"
+    name: str = "default"
+
+    def limit(self) -> SpendingLimit | None:
+        if self.usd is None:
+            return None
+        return SpendingLimit(name=self.name, limit_usd=self.usd, period=self.period)

@@ -28,7 +28,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.events import emit_event
+from prefect.events.schemas.events import Event
 
+from prefect_kluster.tasks.cost import ActualCost, CostEstimate
 from prefect_kluster.tasks.events import (  # re-exported: the reporting API
     BATCH_EVENTS,
     EVENT_PREFIX,
@@ -167,7 +170,10 @@ def shard_rows(batches: Sequence[BatchInfo], summary: JoinSummary | None = None)
 
 
 def summary_markdown(
-    batches: Sequence[BatchInfo], summary: JoinSummary, status: str | None = None
+    batches: Sequence[BatchInfo],
+    summary: JoinSummary,
+    status: str | None = None,
+    extra_rows: Sequence[tuple[str, Any]] = (),
 ) -> str:
     """The run summary as markdown: status, counts, tokens and where the output is."""
     status = status or overall_status(batches)
@@ -185,6 +191,7 @@ def summary_markdown(
     ]
     if summary.parquet_path:
         rows.append(("Parquet copy", f"`{summary.parquet_path}`"))
+    rows += list(extra_rows)
     out = [f"# kluster.ai batch run: {status}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_md(value)} |" for name, value in rows]
     out += ["", "## Batches", ""]
@@ -205,6 +212,7 @@ def publish_run_summary(
     summary: JoinSummary,
     status: str | None = None,
     key: str | None = SUMMARY_KEY,
+    extra_rows: Sequence[tuple[str, Any]] = (),
 ) -> tuple[UUID, UUID] | None:
     """Publish the run's markdown summary (key ``key``) and its table of batches/shards
     (key ``key + "-shards"``); their ids, or None outside a run or on an API error.
@@ -216,7 +224,7 @@ def publish_run_summary(
     base = artifact_key(key) if key else None
     try:
         markdown_id = create_markdown_artifact(
-            markdown=summary_markdown(batches, summary, status),
+            markdown=summary_markdown(batches, summary, status, extra_rows),
             key=base,
             description="kluster.ai batch run summary",
         )
@@ -229,6 +237,52 @@ def publish_run_summary(
         _warn("publish the run summary", exc)
         return None
     return markdown_id, table_id
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+COST_KEY = "kluster-cost-estimate"
+
+
+def publish_cost_estimate(estimate: CostEstimate, key: str | None = COST_KEY) -> UUID | None:
+    """The estimate per model and completion window, as a markdown artifact."""
+    if not in_run():
+        return None
+    try:
+        return create_markdown_artifact(
+            markdown="# kluster.ai cost estimate\n\n" + estimate.to_markdown() + "\n",
+            key=artifact_key(key) if key else None,
+            description="Cost estimate, made before any upload",
+        )
+    except Exception as exc:
+        _warn("publish the cost estimate", exc)
+        return None
+
+
+def emit_run_cost(estimate: CostEstimate, cost: ActualCost, output_path: str) -> Event | None:
+    """``kluster.run.cost``: what the run was estimated to cost and what it cost, on the
+    resource of the flow run's output."""
+    if not in_run():
+        return None
+    try:
+        return emit_event(
+            event="kluster.run.cost",
+            resource={
+                "prefect.resource.id": f"kluster.output.{output_path}",
+                "prefect.resource.name": output_path,
+            },
+            payload={
+                "window": cost.window,
+                "actual_usd": cost.total_usd,
+                "estimated_usd": estimate.central_usd(cost.window),
+                "estimated_max_usd": estimate.upper_usd(cost.window),
+                "by_model": cost.models,
+                "price_source": cost.price_source,
+            },
+        )
+    except Exception as exc:
+        _warn("emit kluster.run.cost", exc)
+        return None
 
 
 # --- tables for the list flows ----------------------------------------------------------------

@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parquet", action="store_true")
     parser.add_argument("--work-dir", help="shards, state and downloads (path or fsspec URL)")
     parser.add_argument(
+        "--max-cost",
+        type=float,
+        help="dollars: refuse the run before any upload if its estimate could exceed this",
+    )
+    parser.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="validate and price the requests, pay nothing: print the estimate and stop",
+    )
+    parser.add_argument(
         "--no-wait",
         action="store_true",
         help="submit and return; `python -m flows.collect` (or the kluster-collect-batches "
@@ -90,10 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give a request file, or --prompts-file with --model")
     if args.prompts_file and not args.model:
         parser.error("--prompts-file needs --model")
-    for flag in ("poll_interval", "max_poll_interval", "timeout"):
+    for flag in ("poll_interval", "max_poll_interval", "timeout", "max_cost"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive number of seconds")
+            parser.error(f"--{flag.replace('_', '-')} must be a positive number")
     for flag in ("max_concurrency", "max_attempts", "max_file_bytes", "max_requests_per_file"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -186,6 +196,7 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     limits: dict[str, Any] = {
         "max_requests_per_file": args.max_requests_per_file,
         "max_concurrency": args.max_concurrency,
+        "max_cost": args.max_cost,
     }
     if args.max_file_bytes:
         limits["max_file_bytes"] = args.max_file_bytes
@@ -204,6 +215,7 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "max_attempts": args.max_attempts,
             "check_models": args.check_models,
             "resubmit": args.resubmit,
+            "estimate_only": args.estimate_only,
         },
         "limits": limits,
     }
@@ -222,6 +234,12 @@ def describe_error(exc: BaseException) -> str:
         return "the service refused the API key (401): check KLUSTER_API_KEY or the block's key"
     text = str(exc).strip() or type(exc).__name__
     return text
+
+
+def _usd(amount: float) -> str:
+    from prefect_kluster.tasks.cost import format_usd
+
+    return format_usd(amount)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a clear reason, not a traceback
             print(f"error: {describe_error(exc)}", file=sys.stderr)
             return 1
+    if result.status == "estimated":
+        assert result.estimate is not None
+        print(f"\n{result.estimate.to_markdown()}\n\nEstimate only: nothing was uploaded or paid.")
+        return 0
     if result.status == "pending":
         print(
             f"\nSubmitted {len(result.batch_ids)} batch(es); not waiting. Collect the results "
@@ -262,6 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         f"\nBatch {result.status}: {result.summary.requests} requests, "
         f"{result.summary.succeeded} ok, {result.summary.failed} failed, "
         f"{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion "
-        f"tokens\nResults: {result.output_path}"
+        f"tokens, cost {_usd(result.cost_usd or 0.0)}\nResults: {result.output_path}"
     )
     return 0

@@ -18,7 +18,7 @@ import uuid
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
@@ -37,10 +37,17 @@ from prefect_kluster.tasks._lines import (
     Helper,
     ModelNotAllowed,
     check_requests,
+    crlf_to_lf,
     read_blocks,
     unpack_checked,
 )
-from prefect_kluster.tasks.cost import CostEstimate, PriceTable, RequestTally, estimate_cost
+from prefect_kluster.tasks.cost import (
+    WINDOWS,
+    CostEstimate,
+    PriceTable,
+    RequestTally,
+    estimate_cost,
+)
 from prefect_kluster.tasks.schema import CHAT_COMPLETIONS_URL, request_decoder
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES, Shard
 
@@ -339,19 +346,21 @@ class _Sharding:
             helper = Helper.start([self.source], models=models, estimate=self.cost is not None)
         pending: deque[_Block] = deque()
         try:
-            for offset, data in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
-                count = data.count(b"\n")
-                complete = count and data[-1] == 10  # ends with a newline
+            for offset, raw in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
+                count = raw.count(b"\n")
+                complete = count and raw[-1] == 10  # ends with a newline
+                # CRLF line ends become LF here; the helper reads the file's own bytes (CR
+                # before a newline is JSON whitespace to it).
+                data = crlf_to_lf(raw) if complete else raw
                 block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
                 self.lines += block.count
                 if (
                     helper is not None
                     and helper.can_take()
                     and complete
-                    and len(data) < self.max_file_bytes
+                    and len(raw) < self.max_file_bytes
                     and not self.problems
-                    and b"\r" not in data
-                    and helper.send(0, offset, len(data))
+                    and helper.send(0, offset, len(raw))
                 ):
                     pending.append(block)
                 else:
@@ -367,17 +376,15 @@ class _Sharding:
     def _check(self, block: _Block) -> None:
         """The fast check of a whole block, here."""
         data = block.data
+        if data[-1:] != b"\n":  # the file's last line, without its newline
+            data = block.data = crlf_to_lf(data + b"\n")
         lines = data.split(b"\n")
-        if data[-1:] == b"\n":
-            lines.pop()
-        if b"\r" in data or data[-1:] != b"\n":
-            lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-            block.data = b"\n".join(lines) + b"\n"
+        lines.pop()
         block.lines = lines
         block.state = False
         if self.problems:
             return
-        if len(block.data) > self.max_file_bytes and max(map(len, lines)) >= self.max_file_bytes:
+        if len(data) > self.max_file_bytes and max(map(len, lines)) >= self.max_file_bytes:
             return
         block.cost = BlockCost() if self.cost is not None else None
         try:
@@ -644,6 +651,7 @@ def validate_shard_and_estimate(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_requests_per_file: int | None = None,
     allowed_models: list[str] | None = None,
+    windows: Sequence[str] = WINDOWS,
 ) -> tuple[list[Shard], CostEstimate]:
     """``validate_and_shard`` that also prices the requests, from the same single read of
     the input: (shards, the cost estimate per model and completion window)."""
@@ -653,11 +661,11 @@ def validate_shard_and_estimate(
     shards, tally = shard_and_tally(
         source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
     )
-    estimate = estimate_cost(tally, prices)
+    estimate = estimate_cost(tally, prices, windows)
     get_run_logger().info(
         "Validated %d request lines into %d shard(s); estimated cost %s",
         sum(s.lines for s in shards),
         len(shards),
-        estimate.summary_line(),
+        estimate.summary_line(windows[0]),
     )
     return shards, estimate
