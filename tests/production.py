@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -515,10 +515,12 @@ def worker(
     limit: int | None = None,
     wait: bool = True,
     timeout: float = 60.0,
+    work_queues: Sequence[str] = (),
 ) -> Iterator[Worker]:
     """A process worker named ``name`` polling ``pool`` every second, on a machine of its own
     under ``base_dir/name``. ``env`` adds variables (S3 store env, KLUSTER_* settings);
-    ``limit`` caps its concurrent flow runs; ``wait=False`` returns at once (call
+    ``limit`` caps its concurrent flow runs; ``work_queues`` limits it to those queues of
+    the pool (a run started on a queue goes to its worker); ``wait=False`` returns at once (call
     ``wait_ready``) so several workers can start together. Everything it started is killed
     at exit."""
     machine = base_dir / name
@@ -543,6 +545,8 @@ def worker(
     cmd = [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", name]
     if limit is not None:
         cmd += ["--limit", str(limit)]
+    for queue in work_queues:
+        cmd += ["--work-queue", queue]
     spawned = time.monotonic()
     with process(f"worker-{name}", cmd, worker_env, base_dir / "logs", work_dir) as proc:
         handle = Worker(
