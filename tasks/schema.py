@@ -55,6 +55,32 @@ class RequestLine(Struct):
     body: RequestBody
 
 
+# The same request line with each message's content left as raw JSON, checked separately by
+# ``content_decoder``: a long content that repeats (a system prompt on every line) is then
+# checked once per block instead of decoded into a new str on every line.
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Content = str | Annotated[list[ContentPart], Meta(min_length=1)]
+
+
+class RawMessage(Struct, gc=False):
+    role: Role
+    content: msgspec.Raw
+
+
+class RawRequestBody(Struct, gc=False):
+    model: NonEmptyStr
+    messages: Annotated[list[RawMessage], Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, Meta(ge=0)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+
+
+class RawRequestLine(Struct, gc=False):
+    custom_id: NonEmptyStr
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions"]
+    body: RawRequestBody
+
+
 class CustomIdOnly(Struct):
     """Reads just the custom_id of a request or result line, skipping the rest fast."""
 
@@ -124,6 +150,8 @@ class JoinedLine(Struct):
 
 
 request_decoder = msgspec.json.Decoder(RequestLine)
+raw_request_decoder = msgspec.json.Decoder(RawRequestLine)
+content_decoder = msgspec.json.Decoder(Content)
 custom_id_decoder = msgspec.json.Decoder(CustomIdOnly)
 result_decoder = msgspec.json.Decoder(ResultLine)
 joined_encoder = msgspec.json.Encoder()

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from prefect_kluster.tasks.build import RequestFileError, shard_request_file
-from prefect_kluster.tasks.join import join_result_files
 
 import tasks._lines as lines_module
+from prefect_kluster.tasks.build import RequestFileError, shard_request_file
+from prefect_kluster.tasks.join import join_result_files
 from tests.helpers import request, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +167,44 @@ def test_helper_gives_the_same_join(tmp_path, monkeypatch, always_helper, mode):
     rows = [json.loads(line) for line in helped[1].splitlines()]
     assert [r["custom_id"] for r in rows] == ids
     assert helped[0]["requests"] == 400
+
+
+@pytest.mark.parametrize("mode", HELPER_MODES)
+def test_helper_takes_crlf_and_long_contents_with_the_same_tally(tmp_path, monkeypatch, mode):
+    """Real-world shapes (CRLF on some lines, a long system prompt repeated, non-ASCII text,
+    image parts) go to the helper too, and the shards and the cost tally do not change."""
+    from prefect_kluster.tasks._lines import BlockCost
+    from prefect_kluster.tasks.build import shard_and_tally
+    from prefect_kluster.tasks.schema import request_decoder
+
+    monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 0)
+    monkeypatch.setattr(lines_module, "REQUEST_BLOCK_BYTES", 4096)
+    _break_helper(monkeypatch, mode)
+    system = "Réponds brièvement. 回答要简洁。\n" * 40  # long, repeated, with an escape
+    rows = []
+    for i, custom_id in enumerate(_ids(120)):
+        row = request(custom_id, f"Объясни {i} 🎉", max_completion_tokens=i)
+        if i % 3 == 0:
+            row["body"]["messages"].insert(0, {"role": "system", "content": system})
+        if i % 5 == 0:
+            row["body"]["messages"][-1]["content"] = [
+                {"type": "text", "text": f"Décris {i}"},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+            ]
+        rows.append(json.dumps(row, ensure_ascii=i % 2 == 0).encode() + (b"\r" if i % 4 else b""))
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    expected = BlockCost()
+    for raw in src.read_bytes().splitlines():
+        expected.add(request_decoder.decode(raw).body)
+
+    def run(name: str):
+        shards, tally = shard_and_tally(src, tmp_path / name, max_requests_per_file=50)
+        data = b"".join(open(s.path, "rb").read() for s in shards)
+        return [(s.lines, s.sha256) for s in shards], tally, data
+
+    helped = run("helped")
+    monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 1 << 40)
+    alone = run("alone")
+    assert helped == alone
+    assert b"\r" not in helped[2] and helped[2].count(b"\n") == 120
+    assert helped[1] == type(helped[1]).from_block_cost(expected)
