@@ -31,12 +31,19 @@ def watch_progress(listener: Callable[[dict[str, BatchInfo]], None]) -> None:
 
 def report_progress(batch: BatchInfo) -> None:
     """Record a batch's latest state and log the run's total."""
+    report_many([batch])
+
+
+def report_many(batches: list[BatchInfo]) -> None:
+    """Record the latest state of several batches (one poll cycle) and tell the listeners
+    once: a run's progress artifact is updated at most once per cycle."""
     key = _run_key()
-    if key is None:
+    if key is None or not batches:
         return
     with _lock:
         board = _boards.setdefault(key, {})
-        board[batch.id] = batch
+        for batch in batches:
+            board[batch.id] = batch
         snapshot = dict(board)
         listeners = list(_listeners.get(key, ()))
     if len(snapshot) > 1:

@@ -1,5 +1,10 @@
 """Step 4: wait for a batch to reach a terminal status.
 
+Inside a flow run, every batch the run waits on is polled by one loop (``RunWatch``): one
+list call a cycle reads all their statuses (a retrieve only for a batch the list did not
+return), and the run's progress is reported once a cycle. A 50-shard run queued for an
+hour makes one call a cycle, not fifty.
+
 Polling is adaptive: while the status and counts stay the same (a batch queued for hours
 in pre_schedule, say) the pause grows by half each time, up to ``max_poll_interval``; the
 first change brings it back to ``poll_interval``. A day-long batch costs a few hundred
@@ -8,13 +13,19 @@ status calls instead of thousands, and a moving one is still seen at the rate as
 
 from __future__ import annotations
 
+import contextvars
+import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prefect import task
+from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+
 from prefect_kluster.blocks import KlusterCredentials
-from prefect_kluster.tasks.progress import announce_batch, report_progress
+from prefect_kluster.tasks.progress import announce_batch, report_many, report_progress
 from prefect_kluster.tasks.retry import RETRY_OPTIONS
 from prefect_kluster.tasks.types import BatchInfo
 
@@ -96,6 +107,145 @@ def poll_batch(
                 time.sleep(pause)
 
 
+LIST_PAGE = 100
+MAX_LIST_PAGES = 3
+
+
+class _Waiter:
+    __slots__ = ("batch", "done")
+
+    def __init__(self) -> None:
+        self.batch: BatchInfo | None = None
+        self.done = threading.Event()
+
+
+class RunWatch:
+    """One poll loop for every batch a flow run waits on (see the module's note)."""
+
+    _lock = threading.Lock()
+    _watches: dict[tuple[str, str], RunWatch] = {}
+
+    def __init__(
+        self, credentials: KlusterCredentials, poll_interval: float, max_poll: float | None
+    ):
+        self.credentials = credentials
+        self.first_pause, self.longest_pause = poll_pauses(poll_interval, max_poll)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.waiting: dict[str, list[_Waiter]] = {}
+        self.seen: dict[str, tuple[str, str]] = {}
+        self.latest: dict[str, BatchInfo] = {}
+        self.thread: threading.Thread | None = None
+        self.cycles = 0
+
+    @classmethod
+    def for_run(
+        cls,
+        run_key: str,
+        credentials: KlusterCredentials,
+        poll_interval: float,
+        max_poll: float | None,
+    ) -> RunWatch:
+        key = (run_key, credentials.base_url)
+        with cls._lock:
+            watch = cls._watches.get(key)
+            if watch is None:
+                watch = cls._watches[key] = cls(credentials, poll_interval, max_poll)
+            return watch
+
+    def wait(self, batch_id: str, timeout: float | None) -> BatchInfo:
+        """Block until the batch ends (or ``timeout`` runs out: ``BatchWaitTimeout``)."""
+        waiter = _Waiter()
+        with self.lock:
+            self.waiting.setdefault(batch_id, []).append(waiter)
+            if self.thread is None or not self.thread.is_alive():
+                context = contextvars.copy_context()  # the run's, for logs and artifacts
+                self.thread = threading.Thread(
+                    target=context.run, args=(self._loop,), name="kluster-watch", daemon=True
+                )
+                self.thread.start()
+        self.wake.set()  # a new batch is looked at now, not after a long pause
+        if waiter.done.wait(timeout) and waiter.batch is not None:
+            return waiter.batch
+        with self.lock:
+            waiters = self.waiting.get(batch_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self.waiting.pop(batch_id, None)
+            latest = self.latest.get(batch_id)
+        if waiter.batch is not None:
+            return waiter.batch
+        if latest is None:
+            latest = retrieve_batch(self.credentials, batch_id)
+        raise BatchWaitTimeout(latest, timeout or 0)
+
+    def _poll(self, client: Any, ids: set[str]) -> dict[str, BatchInfo]:
+        """The watched batches' states: a list call (newest first; more pages only while
+        some are missing), then a retrieve for any still missing."""
+        found: dict[str, BatchInfo] = {}
+        page = client.batches.list(limit=LIST_PAGE)
+        for _ in range(MAX_LIST_PAGES):
+            for raw in page.data:
+                if raw.id in ids:
+                    found[raw.id] = BatchInfo.from_sdk(raw)
+            if len(found) == len(ids) or len(page.data) < LIST_PAGE or not page.has_next_page():
+                break
+            page = page.get_next_page()
+        for batch_id in ids - found.keys():
+            found[batch_id] = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
+        return found
+
+    def _loop(self) -> None:
+        logger = _logger()
+        pause = self.first_pause
+        with self.credentials.get_client() as client:
+            while True:
+                with self.lock:
+                    ids = set(self.waiting)
+                    if not ids:
+                        self.thread = None
+                        with RunWatch._lock:  # the run waits on nothing now
+                            RunWatch._watches = {
+                                k: v for k, v in RunWatch._watches.items() if v is not self
+                            }
+                        return
+                try:
+                    found = self._poll(client, ids)
+                except Exception as exc:  # a failed cycle is tried again after the pause
+                    logger.warning("Status check failed (%s); trying again", type(exc).__name__)
+                    found = {}
+                self.cycles += 1
+                changed = []
+                for batch in found.values():
+                    now = (batch.status, batch.progress)
+                    if self.seen.get(batch.id) != now:
+                        self.seen[batch.id] = now
+                        changed.append(batch)
+                        logger.info("Batch %s: %s %s", batch.id, batch.status, batch.progress)
+                if changed:
+                    report_many(changed)
+                    pause = self.first_pause
+                elif found:
+                    pause = min(pause * BACKOFF_FACTOR, self.longest_pause)
+                with self.lock:
+                    self.latest.update(found)
+                    for batch in found.values():
+                        if batch.is_terminal:
+                            for waiter in self.waiting.pop(batch.id, []):
+                                waiter.batch = batch
+                                waiter.done.set()
+                self.wake.wait(pause)
+                self.wake.clear()
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except Exception:  # outside a run
+        return logging.getLogger("prefect.kluster.wait")
+
+
 @task(name="wait-for-batch", **RETRY_OPTIONS)
 def wait_for_batch(
     credentials: KlusterCredentials,
@@ -107,8 +257,17 @@ def wait_for_batch(
     """Wait for a batch to finish and return its final state (whatever that state is).
 
     Polls every ``poll_interval`` seconds while the batch moves, backing off to
-    ``max_poll_interval`` while it does not (see the module's note)."""
+    ``max_poll_interval`` while it does not (see the module's note). In a flow run, one
+    loop polls every batch the run waits on."""
     batch_id = batch if isinstance(batch, str) else batch.id
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        watch = RunWatch.for_run(
+            str(ctx.flow_run.id), credentials, poll_interval, max_poll_interval
+        )
+        final = watch.wait(batch_id, timeout)
+        announce_batch(final, final.status)
+        return final
     return poll_batch(
         credentials,
         batch_id,

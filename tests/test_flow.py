@@ -147,7 +147,7 @@ def test_cancelled_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_
     thread = threading.Thread(target=run)
     thread.start()
     client = openai.OpenAI(api_key=TEST_API_KEY, base_url=kluster_env.base_url)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # generous: a busy machine is slow to start the run
     while time.monotonic() < deadline:
         running = [
             b
@@ -158,7 +158,7 @@ def test_cancelled_run_fails_clearly_and_keeps_partial_output(tmp_path, kluster_
             client.batches.cancel(running[0].id)
             break
         time.sleep(0.02)
-    thread.join(60)
+    thread.join(240)
     assert isinstance(box.get("error"), BatchRunError), box
     assert box["error"].result.status == "cancelled"
     joined = read_jsonl(tmp_path / "o.jsonl")
@@ -284,7 +284,7 @@ def test_run_leaves_artifacts_and_events(tmp_path, kluster_env):
         assert ("table", "kluster-batch-summary-shards") in by_type
         progress = [a for a in artifacts if a.type == "progress"]
         assert progress and progress[0].data == 100.0
-        summary = next(a for a in artifacts if a.type == "markdown")
+        summary = next(a for a in artifacts if a.key == "kluster-batch-summary")
         assert str(tmp_path / "o.jsonl") in summary.data and "completed" in summary.data
     wanted = {
         (name, f"kluster.batch.{batch_id}")
