@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prefect_kluster.blocks.credentials import DEFAULT_BASE_URL, KlusterCredentials
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefect_kluster.blocks.credentials import DEFAULT_BASE_URL, KlusterCredentials
 
 
 class MissingCredentialsError(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.logging import get_run_logger
+
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks.retry import RETRY_OPTIONS
 from prefect_kluster.tasks.types import BatchInfo, ModelInfo, parse_timestamp

@@ -92,16 +92,20 @@ def test_two_identical_runs_at_once_pay_once(tmp_path, kluster_env):
     kluster_env.configure(lines_per_second=40, latency=8, fault_routes=["POST /v1/files"])
     rows = requests(40)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.batch_inference", str(src), "-o",
-             str(tmp_path / name / "out.jsonl"), "--max-requests-per-file", "10",
-             "--poll-interval", "0.1"],
-            cwd=ROOT, env=_cli_env(kluster_env), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for name in ("a", "b")
-    ]
+
+    def start(name: str) -> subprocess.Popen:
+        args = [str(src), "-o", str(tmp_path / name / "out.jsonl")]
+        args += ["--max-requests-per-file", "10", "--poll-interval", "0.1"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.batch_inference", *args],
+            cwd=ROOT,
+            env=_cli_env(kluster_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    procs = [start(name) for name in ("a", "b")]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
