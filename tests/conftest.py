@@ -1,11 +1,15 @@
-"""Fixtures: a temporary Prefect backend for the session, and the emulator over real HTTP."""
+"""Fixtures: a temporary Prefect backend for the session, the emulator over real HTTP, and
+(for the end-to-end modules) one real Prefect server and emulator process per session."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
+import uvicorn
 
 # Recognisable, so the secret tests can search every output for it.
 TEST_API_KEY = "sk-kluster-TEST-5ecr3t-9f2b7c41"
@@ -19,17 +23,59 @@ def prefect_backend() -> Iterator[None]:
     """Flows in tests run against a throwaway SQLite-backed Prefect server."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 
-@pytest.fixture
-def emulator() -> Iterator[object]:
-    """A fresh emulator on a free loopback port that checks the test API key."""
-    from prefect_kluster.emulator import EmulatorConfig, run_emulator
+@pytest.fixture(scope="session")
+def session_emulator() -> Iterator[object]:
+    """One in-process emulator for the session: a uvicorn thread per test costs about a third
+    of a second each, more on a busy machine. Tests use ``emulator``, which resets it.
 
-    with run_emulator(EmulatorConfig(api_key=TEST_API_KEY)) as emu:
-        yield emu
+    Served as ``run_emulator`` does, but from a thread named ``session-emulator``: tests that
+    count the ``emulator-*`` threads their own emulators leave behind must not see it."""
+    from prefect_kluster.emulator import Emulator, EmulatorConfig, create_app
+    from prefect_kluster.emulator.server import bind_socket, uvicorn_config
+    from tests.server import http_json, wait_for
+
+    app = create_app(EmulatorConfig(api_key=TEST_API_KEY))
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="session-emulator", daemon=True
+    )
+    thread.start()
+    try:
+        wait_for(
+            lambda: http_json("GET", f"http://127.0.0.1:{port}/_emulator/health", timeout=2),
+            120,
+            "the session emulator's health endpoint",
+            0.05,
+        )
+        yield Emulator(app.state.store, "127.0.0.1", port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.store.close()
+        sock.close()
+
+
+def _as_new(emu) -> None:
+    """Back to a fresh emulator's state: no files, batches or counters, default options."""
+    from prefect_kluster.emulator import EmulatorConfig
+
+    emu.reset()
+    emu.configure(**EmulatorConfig(api_key=TEST_API_KEY).model_dump(exclude={"data_dir"}))
+
+
+@pytest.fixture
+def emulator(session_emulator) -> Iterator[object]:
+    """The emulator as new (reset, default options, checking the test API key) on a free
+    loopback port; shared by the session, so it is reset before and after each test."""
+    _as_new(session_emulator)
+    yield session_emulator
+    _as_new(session_emulator)
 
 
 @pytest.fixture
@@ -45,3 +91,15 @@ def kluster_env(emulator, monkeypatch):
     monkeypatch.setenv("KLUSTER_API_KEY", TEST_API_KEY)
     monkeypatch.setenv("KLUSTER_BASE_URL", emulator.base_url)
     return emulator
+
+
+@pytest.fixture(scope="session")
+def real_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real ``prefect server start`` and a ``python -m emulator`` process, started once
+    for the modules that need real processes (deployments, the UI) and shared by them."""
+    from tests.server import RealBackend, server_and_emulator
+
+    base = tmp_path_factory.mktemp("real-backend")
+    with ExitStack() as stack:
+        server, emulator_url, _ = server_and_emulator(stack, base, TEST_API_KEY)
+        yield RealBackend(server=server, emulator_url=emulator_url, work=base)

@@ -243,6 +243,31 @@ def server_and_emulator(
     return server, emulator_url, client_env
 
 
+@dataclass
+class RealBackend:
+    """The session's real Prefect server and emulator process (see conftest.real_backend)."""
+
+    server: PrefectServer
+    emulator_url: str  # ends in /v1
+    work: Path  # a folder of the session's own, for the runs' files
+
+    def client_env(self, api_key: str, **overrides: str) -> dict[str, str]:
+        """Environment for a worker, serve or CLI process that uses both."""
+        return self.server.client_env(
+            KLUSTER_API_KEY=api_key, KLUSTER_BASE_URL=self.emulator_url, **overrides
+        )
+
+
+def delete_deployments() -> None:
+    """Remove every deployment from the server this process talks to,
+    so a module that deploys starts from none whatever ran on the shared server before."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments():
+            client.delete_deployment(deployment.id)
+
+
 def run_cli(
     args: Sequence[str], env: dict[str, str], timeout: float = 120.0, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:

@@ -32,19 +32,20 @@ from tests.server import (
     PREFECT,
     ROOT,
     PrefectServer,
+    RealBackend,
+    delete_deployments,
     drain_events,
     pause_deployment,
     process,
     read_events,
     run_cli,
-    server_and_emulator,
     wait_for,
 )
 
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 BATCH_FLOW = "kluster-batch-inference"
 COLLECT_FLOW = "kluster-collect-batches"
-RUN_TIMEOUT = 150  # seconds for one deployment run, worker pick-up included
+RUN_TIMEOUT = 300  # seconds for one deployment run, worker pick-up included (busy machine)
 
 
 @dataclass
@@ -56,24 +57,26 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Server, emulator, deployments from prefect.yaml and a worker; started once."""
-    base = tmp_path_factory.mktemp("deployments-e2e")
+def stack(real_backend: RealBackend) -> Iterator[Stack]:
+    """Deployments from prefect.yaml and a worker, on the session's real server and emulator
+    (shared with the UI test); the worker is stopped when the module ends."""
+    server, base = real_backend.server, real_backend.work
+    env = real_backend.client_env(
+        TEST_API_KEY,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        # `prefect deploy` puts these roots in the deployments (prefect.yaml's build step)
+        KLUSTER_STORAGE_ROOTS=f"{base},{ROOT}",
+    )
     with ExitStack() as stack:
-        server, emulator_url, env = server_and_emulator(
-            stack,
-            base,
-            TEST_API_KEY,
-            PREFECT_WORKER_QUERY_SECONDS="1",
-            PREFECT_WORKER_PREFETCH_SECONDS="5",
-            # `prefect deploy` puts these roots in the deployments (prefect.yaml's build step)
-            KLUSTER_STORAGE_ROOTS=f"{base},{ROOT}",
-        )
+        # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        delete_deployments()  # whatever another module served on the shared server
         run_cli(["work-pool", "create", "kluster-pool", "--type", "process", "--overwrite"], env)
         run_cli(
             ["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
             env,
-            timeout=180,
+            timeout=300,
         )
         stack.enter_context(
             process(
@@ -83,12 +86,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 server.log_dir,
             )
         )
-        # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         stack.callback(drain_events)  # runs first at teardown, while the server is up
         pause_deployment(f"{BATCH_FLOW}/kluster-batch-nightly")  # no 02:00 surprise
         pause_deployment(f"{COLLECT_FLOW}/kluster-collect-batches")  # the test collects itself
-        yield Stack(server=server, emulator_url=emulator_url, env=env, work=base)
+        yield Stack(server=server, emulator_url=real_backend.emulator_url, env=env, work=base)
 
 
 def _deployments_in_yaml() -> dict[str, dict]:
@@ -226,7 +227,7 @@ def test_on_demand_run_leaves_artifacts_and_events(stack: Stack, on_demand_run) 
         names = {e["event"] for e in found}
         return found if {"kluster.batch.submitted", "kluster.batch.completed"} <= names else []
 
-    events = wait_for(events_of_run, 30, f"kluster.batch.* events of flow run {run.id}")
+    events = wait_for(events_of_run, 120, f"kluster.batch.* events of flow run {run.id}")
     completed = [e for e in events if e["event"] == "kluster.batch.completed"]
     assert completed[0]["resource"]["prefect.resource.id"].startswith("kluster.batch.")
     assert completed[0]["payload"]["status"] == "completed"
@@ -352,7 +353,7 @@ def test_reporting_functions_inside_a_flow(stack: Stack) -> None:
         }
         return mine if len(mine) == 2 else None
 
-    found = wait_for(events, 30, "the reporting flow's events")
+    found = wait_for(events, 120, "the reporting flow's events")
     submitted = found["kluster.batch.submitted"]
     assert submitted["resource"] == {
         "prefect.resource.id": "kluster.batch.batch-r0",
@@ -435,14 +436,14 @@ def test_cancelling_the_flow_run_cancels_its_remote_batches(stack: Stack) -> Non
             client.set_flow_run_state(run.id, Cancelling(), force=True)
         final = wait_for(
             lambda: (r := _flow_run(run.id)).state.is_final() and r,
-            90,
+            180,
             "the cancelled run to end",
             interval=0.5,
         )
         assert final.state.is_cancelled(), final.state
         ended = wait_for(
             lambda: [b for b in _batches(stack, {mine[0]["id"]}) if b["status"] == "cancelled"],
-            60,
+            120,
             "the remote batch to be cancelled",
             interval=0.2,
         )
@@ -549,3 +550,24 @@ def test_a_run_outside_the_storage_roots_is_refused_before_reading_anything(
         _emulator_admin(stack, "/_emulator/stats")["requests"].get("POST /v1/files", 0) == uploads
     )
     assert not outside.parent.exists()
+
+
+def test_the_run_form_shows_the_grouped_sections(stack: Stack) -> None:
+    """The UI builds its run form from the deployment's parameter schema: three plain fields,
+    then one section per group, each with its own described fields."""
+    with get_client(sync_client=True) as client:
+        on_demand = client.read_deployment_by_name(f"{BATCH_FLOW}/kluster-batch-on-demand")
+    schema = on_demand.parameter_openapi_schema
+    props = schema["properties"]
+    assert list(props)[:3] == ["input_path", "output_path", "credentials_block"]
+    sections = {"requests": "RequestOptions", "output": "OutputOptions", "run": "RunOptions"}
+    sections["limits"] = "Limits"
+    for name, model in sections.items():
+        assert props[name]["description"].strip(), name
+        ref = props[name].get("$ref") or props[name]["allOf"][0]["$ref"]
+        assert ref.endswith(f"/{model}"), (name, ref)
+        fields = schema["definitions"][model]["properties"]
+        assert fields and all(f.get("description", "").strip() for f in fields.values()), model
+    run_fields = schema["definitions"]["RunOptions"]["properties"]
+    assert {"wait", "poll_interval", "completion_window", "estimate_only"} <= set(run_fields)
+    assert {"max_cost", "max_concurrency"} <= set(schema["definitions"]["Limits"]["properties"])

@@ -27,10 +27,11 @@ from tests.helpers import read_jsonl, requests, write_jsonl
 from tests.server import (
     ROOT,
     PrefectServer,
+    RealBackend,
+    delete_deployments,
     drain_events,
     pause_deployment,
     process,
-    server_and_emulator,
     tail,
     wait_for,
 )
@@ -48,7 +49,9 @@ SCREENSHOT = ROOT / "test-artifacts" / "ui-run-completed.png"
 FAILED_SCREENSHOT = SCREENSHOT.with_name("ui-run-failed.png")
 README_SCREENSHOT = ROOT / "deployments" / "ui-run-completed.png"
 DEPLOYMENT = "kluster-batch-on-demand"
-RUN_TIMEOUT_MS = 150_000
+RUN_TIMEOUT_MS = 240_000  # the run, from submit to Completed on the page
+STEP_TIMEOUT_MS = 90_000  # any one page step (a busy machine renders slowly)
+SETUP_TIMEOUT = 180  # seconds for serve.py to create its deployments
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
@@ -64,23 +67,25 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Server + emulator + deployments/serve.py, each a process; started once."""
-    base = tmp_path_factory.mktemp("ui-e2e")
+def served(real_backend: RealBackend) -> Iterator[Served]:
+    """deployments/serve.py as a process, on the session's real server and emulator (shared
+    with the deployments module); stopped when the module ends."""
+    server, base = real_backend.server, real_backend.work
+    env = real_backend.client_env(
+        TEST_API_KEY,
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        KLUSTER_STORAGE_ROOTS=str(base),  # the runs' files are under the session's folder
+    )
     with ExitStack() as stack:
-        server, _, env = server_and_emulator(
-            stack,
-            base,
-            TEST_API_KEY,
-            PREFECT_RUNNER_POLL_FREQUENCY="1",
-            KLUSTER_STORAGE_ROOTS=str(base),  # the runs' files are under the test's folder
-        )
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        # The deployments module deploys the same names through a work pool: start from none,
+        # so "all deployments exist" below means serve.py made them.
+        delete_deployments()
         serve = stack.enter_context(
             process(
                 "serve", [sys.executable, "deployments/serve.py"], env, server.log_dir, cwd=ROOT
             )
         )
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         stack.callback(drain_events)  # runs first at teardown, while the server is up
 
         expected = {d.name for d in build_deployments()}
@@ -91,16 +96,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 names = {d.name for d in client.read_deployments()}
             return expected <= names
 
-        wait_for(deployed, 90, "serve.py to create its deployments", 0.5, serve)
+        wait_for(deployed, SETUP_TIMEOUT, "serve.py to create its deployments", 0.5, serve)
         pause_deployment("kluster-batch-inference/kluster-batch-nightly")  # no 02:00 surprise
         pause_deployment("kluster-collect-batches/kluster-collect-batches")
         yield Served(server=server, work=base, serve_log=serve.log)
 
 
 def _property(page, name: str):
-    """The run form's field for the parameter ``name``."""
-    label = page.locator(".schema-form-property__label", has_text=re.compile(rf"^{name}\b"))
-    return page.locator(".schema-form-property").filter(has=label)
+    """The run form's field for the parameter ``name``: a top-level parameter is labelled by
+    its name, a field of a parameter group (``run``, ``limits``) by its title ("Poll
+    Interval"). The innermost match (last in the page's order) is the field itself, not the
+    group around it."""
+    title = name.replace("_", " ").title()
+    label = page.locator(
+        ".schema-form-property__label", has_text=re.compile(rf"^({name}|{title})\b")
+    )
+    return page.locator(".schema-form-property").filter(has=label).last
 
 
 def _run_id(name: str) -> str | None:
@@ -111,8 +122,16 @@ def _run_id(name: str) -> str | None:
     return str(runs[0].id) if runs else None
 
 
+def _final_state(run_id: str) -> str | None:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(uuid.UUID(run_id)).state
+    return state.type.value if state is not None and state.is_final() else None
+
+
 def test_custom_run_from_the_ui_completes(served: Served) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
 
     rows = requests(4, prefix="ui-")
     source = write_jsonl(served.work / "ui-requests.jsonl", rows)
@@ -126,7 +145,7 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(STEP_TIMEOUT_MS)
         try:
             page.goto(f"{served.server.url}/deployments", wait_until="domcontentloaded")
             page.get_by_role("link", name=DEPLOYMENT).click()
@@ -148,9 +167,19 @@ def test_custom_run_from_the_ui_completes(served: Served) -> None:
             # The form returns to the deployment page with a toast for the new run (its
             # animation makes clicking it flaky, and the run list refreshes lazily): open
             # the run's own page, which follows its state as it changes.
-            run_id = wait_for(lambda: _run_id(run_name), 30, f"flow run {run_name} to exist")
+            run_id = wait_for(
+                lambda: _run_id(run_name), STEP_TIMEOUT_MS / 1000, f"flow run {run_name} to exist"
+            )
             page.goto(f"{served.server.url}/runs/flow-run/{run_id}", wait_until="domcontentloaded")
             expect(page.get_by_text(run_name).first).to_be_visible()
+            # Wait on the run's state through the API (bounded, says what it saw), then on the
+            # page to show it.
+            wait_for(
+                lambda: _final_state(run_id),
+                RUN_TIMEOUT_MS / 1000,
+                f"flow run {run_name} to finish",
+                interval=0.5,
+            )
             expect(page.get_by_text("Completed", exact=True).first).to_be_visible(
                 timeout=RUN_TIMEOUT_MS
             )
