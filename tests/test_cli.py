@@ -69,3 +69,44 @@ def test_unreachable_service_names_the_url_and_the_attempts(tmp_path):
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
     assert seconds < 10, f"took {seconds:.1f} s"
+
+
+def test_no_wait_then_collect_from_the_shell(tmp_path, kluster_env):
+    """`--no-wait` submits and returns; `python -m flows.collect` finishes the run and exits
+    0 once nothing is left pending (3 while batches still run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import TEST_API_KEY
+    from tests.helpers import read_jsonl
+
+    kluster_env.configure(lines_per_second=20)
+    rows = requests(40)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "later.jsonl"
+    env = {
+        "KLUSTER_API_KEY": TEST_API_KEY,
+        "KLUSTER_BASE_URL": kluster_env.base_url,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
+    done, _ = _cli(str(src), "-o", str(out), "--no-wait", "--max-requests-per-file", "20", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not waiting" in done.stdout and "python -m flows.collect" in done.stdout
+    assert not out.exists()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KLUSTER_", "PREFECT_API"))}
+    codes = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        collect = subprocess.run(
+            [sys.executable, "-m", "flows.collect"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**base, **env},
+            timeout=180,
+        )
+        codes.append(collect.returncode)
+        assert collect.returncode in (0, 3), collect.stderr[-3000:]
+        if collect.returncode == 0:
+            break
+    assert codes[-1] == 0 and "0 still waiting" in collect.stdout, codes
+    assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
