@@ -19,6 +19,7 @@ the next generation of the claim (again create-once, so one taker wins).
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import socket
@@ -132,7 +133,10 @@ class _Renewer:
         with cls._lock:
             cls._held[claim.name] = claim
             if cls._thread is None or not cls._thread.is_alive():
-                cls._thread = threading.Thread(target=cls._run, name="kluster-claims", daemon=True)
+                context = contextvars.copy_context()  # the holder's Prefect settings
+                cls._thread = threading.Thread(
+                    target=context.run, args=(cls._run,), name="kluster-claims", daemon=True
+                )
                 cls._thread.start()
 
     @classmethod

@@ -113,6 +113,9 @@ def submit_shard(
         return upload.batch
     assert upload.file_id is not None
     try:
+        # Held already on a first attempt; a retry (after a failure released it) takes it
+        # again, or waits for the run that took it meanwhile and then finds its batch.
+        claims.acquire(upload.key)
         return _create_recorded(credentials, upload, state_dir, completion_window, metadata)
     finally:
         claims.release(upload.key)

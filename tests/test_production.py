@@ -383,13 +383,6 @@ def test_server_killed_and_restarted_while_a_run_waits(stack: Stack) -> None:
     assert stack.calls("POST /v1/files") == SHARDS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="submit_shard (tasks/submit.py) releases the shard's claim in its finally on every "
-    "attempt, and a Prefect retry of it creates the batch without taking the claim again; "
-    "claims.release drops the claim whoever holds it, so the retry also frees another "
-    "run's claim",
-)
 def test_a_retried_submit_waits_for_a_claim_another_run_holds(
     stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
