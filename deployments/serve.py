@@ -32,6 +32,7 @@ from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.schedules import Cron, Interval  # noqa: E402
 
 from prefect_kluster.flows.batch_inference import batch_inference  # noqa: E402
+from prefect_kluster.flows.fanout import shard_group  # noqa: E402
 from prefect_kluster.flows.manage import cancel_batch_flow, list_batches_flow, list_models_flow  # noqa: E402
 from prefect_kluster.flows.pending import collect_batches  # noqa: E402
 
@@ -91,6 +92,12 @@ def build_deployments() -> list[RunnerDeployment]:
             tags=TAGS,
             concurrency_limit=1,
             schedules=[Interval(COLLECT_EVERY_SECONDS)],
+        ),
+        shard_group.to_deployment(
+            name="kluster-shard-group",
+            description="One group of shards of a job run with limits.distribute, started by "
+            "the batch run (not by hand): spreads one large job over the pool's workers.",
+            tags=TAGS,
         ),
     ]
 

@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
+from prefect_kluster.flows import fanout
 from prefect_kluster.flows.options import (
     BudgetSettings,
     Limits,
@@ -161,7 +162,6 @@ def run_shards(
     results of the finished shards, the batches left running, and how many shards still
     wait for a slot."""
     wait = run.run.wait
-    poll = (run.run.poll_interval, run.remaining(), run.run.max_poll_interval)
     results_dir = storage.join(run.work, f"round-{round_no}", "results")
     results: dict[int, ShardResult] = {}
     in_flight: dict[Any, tuple[Shard, Any, bool]] = {}  # download -> shard, batch, holds a slot
@@ -179,6 +179,7 @@ def run_shards(
             todo.append((shard, existing))
     slots = max(1, run.limits.max_concurrency) - len(left_running)
     holding = 0
+    submitting: list[Any] = []  # not waiting: batches being made, each keeps its slot
     while todo or in_flight:
         while todo and holding < slots:
             shard, existing = todo.pop(0)
@@ -196,10 +197,16 @@ def run_shards(
                 )
             )
             if not wait:  # the batch keeps its slot until a collection finds it ended
-                left_running.append(submitted.result())
+                submitting.append(submitted)
                 slots -= 1
                 continue
-            finished = wait_for_batch.submit(run.credentials, submitted, *poll)
+            finished = wait_for_batch.submit(
+                run.credentials,
+                submitted,
+                run.run.poll_interval,
+                run.remaining(),
+                run.run.max_poll_interval,
+            )
             downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
             in_flight[downloaded] = (shard, finished, True)
             holding += 1
@@ -215,6 +222,7 @@ def run_shards(
         results[shard.index] = ShardResult(
             round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
         )
+    left_running += [future.result() for future in submitting]
     for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
         if isinstance(cleaned.result(raise_on_failure=False), BaseException):
             get_run_logger().warning("Could not delete an unused upload; it stays on the service")
@@ -302,7 +310,7 @@ def check_paths(
 @flow(
     name="kluster-batch-inference",
     task_runner=ThreadPoolTaskRunner(max_workers=64),
-    on_cancellation=[cancel_remote_batches_hook],
+    on_cancellation=[cancel_remote_batches_hook, fanout.cancel_child_runs_hook],
 )
 def batch_inference(
     input_path: str | None = None,
@@ -409,7 +417,9 @@ def batch_inference(
     # waiting, the same path stops at the first round with batches still running.
     try:
         while True:
-            finished, running, queued = run_shards(state, round_shards, round_no, known)
+            finished, running, queued = fanout.run_round(
+                state, round_shards, round_no, known, credentials_block
+            )  # limits.distribute: the round's shard groups run as child flow runs
             seen = {b.id for b in known}
             known = known + [r.batch for r in finished if r.batch.id not in seen]
             known = known + [b for b in running if b.id not in seen]

@@ -8,7 +8,7 @@ In Python a group is a model or a plain dict: ``run={"wait": False}``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,6 +146,13 @@ class Limits(_Group):
         ge=1,
         description="How many batches run at once, in both modes (a cap keeps a rate-limited "
         "tier from expiring batches that wait in its queue).",
+    )
+    distribute: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Spread the job over the work pool's workers: the shards are split into "
+        'this many groups ("auto": one group per 4 shards, at most 32), each run by a '
+        "child flow run of the kluster-shard-group deployment, with max_concurrency held "
+        "for the whole job. None: the run takes every shard itself. Waiting runs only.",
     )
 
 

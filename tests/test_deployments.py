@@ -133,6 +133,7 @@ def test_prefect_yaml_deploys_every_deployment(stack: Stack) -> None:
         "kluster-list-batches",
         "kluster-cancel-batch",
         "kluster-collect-batches",
+        "kluster-shard-group",
     }
     with get_client(sync_client=True) as client:
         found = {d.name: d for d in client.read_deployments()}

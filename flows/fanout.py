@@ -1,0 +1,382 @@
+"""Fan-out: one large job over many workers (``limits.distribute``).
+
+The parent run (``batch_inference``) validates and shards once into the shared work
+directory, as always. With ``limits.distribute`` set, each round's shards are split into
+groups and every group is run by a child flow run of the ``kluster-shard-group``
+deployment on the work pool, so the uploads, waits and downloads spread over the workers
+the user already runs. Tens of child runs, not one per shard; a child takes its shards
+through the same lifecycle a run takes them through alone (``run_shards``).
+
+What ties them together lives in the work directory (write-once objects, readable by any
+worker): the group manifest, one record per child run started, and each child's results.
+A child run is started with an idempotency key made from the job and the group, so a
+retried or rerun parent finds the children it started instead of starting them twice.
+The parent waits by reading its children's states from the Prefect API (one call a cycle
+for all of them), then joins their results in input order on the usual path.
+
+The cap on batches running at once (``limits.max_concurrency``) holds for the whole job:
+a Prefect global concurrency limit named after the job, one slot held by each shard from
+its submit until its batch has ended and been downloaded, in whichever child it runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_run_logger
+from prefect.states import Cancelled, Cancelling
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from prefect_kluster.blocks import resolve_credentials
+from prefect_kluster.flows.options import Limits, RunOptions, StorageSettings
+from prefect_kluster.tasks import storage
+from prefect_kluster.tasks.submit import find_existing_batches
+from prefect_kluster.tasks.types import BatchInfo, Shard
+
+if TYPE_CHECKING:
+    from prefect_kluster.flows.batch_inference import ShardResult, _Run
+
+SHARD_GROUP_FLOW = "kluster-shard-group"
+SHARD_GROUP_DEPLOYMENT = f"{SHARD_GROUP_FLOW}/kluster-shard-group"
+AUTO_SHARDS_PER_GROUP = 4
+AUTO_MAX_GROUPS = 32
+MAX_CHILD_ATTEMPTS = 4  # child runs per group over every try of the parent (crashes restart)
+WAIT_CYCLE_MAX = 10.0  # seconds between reads of the children's states, at most
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class ShardGroupError(RuntimeError):
+    """A group of shards could not be finished by its child runs."""
+
+
+def group_count(distribute: int | str, shards: int) -> int:
+    """How many groups: as asked (never more than the shards), or ``auto``."""
+    if distribute == "auto":
+        wanted = min(AUTO_MAX_GROUPS, math.ceil(shards / AUTO_SHARDS_PER_GROUP))
+    else:
+        wanted = int(distribute)
+    return max(1, min(wanted, shards))
+
+
+def split(shards: list[Shard], groups: int) -> list[list[Shard]]:
+    """Contiguous groups of nearly equal size, in input order."""
+    size, extra = divmod(len(shards), groups)
+    out, start = [], 0
+    for g in range(groups):
+        end = start + size + (1 if g < extra else 0)
+        out.append(shards[start:end])
+        start = end
+    return out
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def fanout_dir(work: str) -> str:
+    return storage.join(work, "fanout")
+
+
+def limit_name(work: str, nonce: str | None) -> str:
+    """The job's global concurrency limit (one per work directory and run label)."""
+    return f"kluster-job-{_digest(storage.normalise(work), nonce or '')[:24]}"
+
+
+# --- the child ---------------------------------------------------------------------------------
+
+
+@flow(
+    name=SHARD_GROUP_FLOW,
+    task_runner=ThreadPoolTaskRunner(max_workers=64),
+)
+def shard_group(
+    manifest_path: str,
+    group: int,
+    credentials_block: str | None = None,
+    run: RunOptions = RunOptions(),
+    limits: Limits = Limits(),
+    started: float | None = None,
+) -> str:
+    """Take one group of a distributed job's shards through upload -> submit -> wait ->
+    download (started by the parent run; not meant to be started by hand).
+
+    Args:
+        manifest_path: The job's group manifest in its work directory.
+        group: Which group of the manifest this run takes.
+        credentials_block: As for the parent run.
+        run: The parent's run options (its run label and remaining timeout).
+        limits: The parent's limits; max_concurrency holds for the whole job.
+        started: When the parent run started (uploads since then are its own).
+
+    Returns the path of the group's results object."""
+    from prefect_kluster.flows.batch_inference import _Run, run_shards
+
+    logger = get_run_logger()
+    roots = StorageSettings().roots
+    storage.check_roots({"manifest_path": manifest_path}, roots)
+    manifest = json.loads(storage.read_bytes(manifest_path))
+    work, round_no = manifest["work_dir"], int(manifest["round"])
+    storage.check_roots({"work_dir": work}, roots)
+    shards = [Shard.model_validate(s) for s in manifest["groups"][group]]
+    result_path = storage.join(storage.parent(manifest_path), f"group-{group}.result.json")
+    if storage.exists(result_path):  # a rerun of a finished group: nothing left to do
+        return result_path
+    credentials = resolve_credentials(credentials_block)
+    state = _Run(
+        credentials=credentials,
+        work=work,
+        run=run,
+        limits=limits,
+        deadline=None if run.timeout is None else time.monotonic() + run.timeout,
+        nonce=run.run_label,
+        started=started or time.time(),
+    )
+    known = find_existing_batches(credentials, since=None) if not run.resubmit else []
+    name = manifest.get("concurrency_limit")
+    # Each shard holds one slot of the job's limit from its submit to its download, so no
+    # more than max_concurrency batches run at once over all children and workers.
+    threads = max(1, min(len(shards), limits.max_concurrency))
+
+    def one(shard: Shard) -> list[ShardResult]:
+        if name is None:
+            return run_shards(state, [shard], round_no, known)[0]
+        with concurrency(name, occupy=1, timeout_seconds=state.remaining()):
+            return run_shards(state, [shard], round_no, known)[0]
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard") as pool:
+        # Task submissions need the flow run's context: each thread gets its own copy.
+        futures = [pool.submit(contextvars.copy_context().run, one, s) for s in shards]
+        results = [r for f in futures for r in f.result()]
+    body = json.dumps([r.model_dump(mode="json") for r in results]).encode()
+    storage.create_once(result_path, body)  # write-once: a racing twin wrote the same
+    logger.info(
+        "Group %d of round %d: %d shard(s), %d batch(es) done", group, round_no, len(shards),
+        len(results),
+    )  # fmt: skip
+    return result_path
+
+
+# --- the parent --------------------------------------------------------------------------------
+
+
+def run_round(
+    state: _Run,
+    shards: list[Shard],
+    round_no: int,
+    known: list[BatchInfo],
+    credentials_block: str | None,
+) -> tuple[list[ShardResult], list[BatchInfo], int]:
+    """One round of the parent: its own shards as always, or (``limits.distribute`` set
+    and waiting) its groups by child runs. Same answer as ``run_shards``."""
+    from prefect_kluster.flows.batch_inference import run_shards
+
+    if state.limits.distribute is None:
+        return run_shards(state, shards, round_no, known)
+    if not state.run.wait:
+        get_run_logger().warning(
+            "limits.distribute is ignored with wait=False: this run takes its shards itself"
+        )
+        return run_shards(state, shards, round_no, known)
+    return run_groups(state, shards, round_no, credentials_block), [], 0
+
+
+def run_groups(
+    state: _Run, shards: list[Shard], round_no: int, credentials_block: str | None
+) -> list[ShardResult]:
+    """Start (or find) one child run per group, wait for them all, read their results."""
+    from prefect_kluster.flows.batch_inference import ShardResult
+
+    logger = get_run_logger()
+    groups = split(shards, group_count(state.limits.distribute or 1, len(shards)))
+    job = _digest(
+        storage.normalise(state.work), str(round_no), state.nonce or "",
+        *(s.sha256 for s in shards),
+    )  # fmt: skip
+    job_dir = storage.join(fanout_dir(state.work), f"round-{round_no}-{job[:16]}")
+    name = limit_name(state.work, state.nonce)
+    manifest_path = storage.join(job_dir, "manifest.json")
+    manifest = {
+        "work_dir": state.work,
+        "round": round_no,
+        "concurrency_limit": name,
+        "groups": [[s.model_dump(mode="json") for s in g] for g in groups],
+    }
+    storage.create_once(manifest_path, json.dumps(manifest).encode())  # same job, same bytes
+    _ensure_limit(name, state.limits.max_concurrency)
+    child_run = state.run.model_copy(
+        update={"run_label": state.nonce, "timeout": state.remaining()}
+    )
+    parameters = {
+        "manifest_path": manifest_path,
+        "credentials_block": credentials_block,
+        "run": child_run.model_dump(mode="json"),
+        "limits": state.limits.model_dump(mode="json"),
+        "started": state.started,
+    }
+
+    def start(group: int, attempt: int) -> FlowRun:
+        key = f"{SHARD_GROUP_FLOW}:{job}:group-{group}:attempt-{attempt}"
+        child = run_deployment(
+            SHARD_GROUP_DEPLOYMENT,
+            parameters={**parameters, "group": group},
+            timeout=0,
+            idempotency_key=key,
+            flow_run_name=f"shard-group-{group}-r{round_no}-{job[:8]}",
+        )
+        record = json.dumps({"flow_run_id": str(child.id), "group": group, "key": key})
+        storage.create_once(
+            storage.join(job_dir, "children", f"group-{group}-attempt-{attempt}.json"),
+            record.encode(),
+        )
+        return child
+
+    def result_path(group: int) -> str:
+        return storage.join(job_dir, f"group-{group}.result.json")
+
+    # Find each group's live child: an idempotency key returns the run already made for it;
+    # a child that ended without results is followed by the next attempt's key.
+    attempts = dict.fromkeys(range(len(groups)), 1)
+    children: dict[int, FlowRun] = {}
+    for g in range(len(groups)):
+        while True:
+            child = start(g, attempts[g])
+            kind = child.state_type.value if child.state_type else "SCHEDULED"
+            if kind not in FINAL or storage.exists(result_path(g)):
+                break
+            if kind == "CANCELLED":
+                raise ShardGroupError(f"child run {child.id} of group {g} was cancelled")
+            attempts[g] += 1
+            if attempts[g] > MAX_CHILD_ATTEMPTS:
+                raise ShardGroupError(f"group {g} ended {kind} in {MAX_CHILD_ATTEMPTS} child runs")
+        children[g] = child
+    logger.info(
+        "Round %d: %d shard(s) in %d group(s), run by child flow runs %s",
+        round_no, len(shards), len(groups), ", ".join(str(c.id) for c in children.values()),
+    )  # fmt: skip
+
+    # Wait: one read of every child's state a cycle; a crashed child is started again.
+    cycle = min(max(state.run.poll_interval, 1.0), WAIT_CYCLE_MAX)
+    waiting = {g for g in children if not storage.exists(result_path(g))}
+    while waiting:
+        remaining = state.remaining()
+        if remaining is not None and remaining <= 0:
+            raise ShardGroupError(f"timed out waiting for {len(waiting)} group(s)")
+        time.sleep(cycle if remaining is None else min(cycle, remaining))
+        for g, kind, message in _states({g: children[g].id for g in waiting}):
+            if kind not in FINAL:
+                continue
+            if kind == "COMPLETED" and storage.exists(result_path(g)):
+                waiting.discard(g)
+                continue
+            if kind == "CANCELLED":
+                raise ShardGroupError(f"child run {children[g].id} of group {g} was cancelled")
+            attempts[g] += 1
+            if attempts[g] > MAX_CHILD_ATTEMPTS:
+                raise ShardGroupError(
+                    f"group {g} ended {kind} in {MAX_CHILD_ATTEMPTS} child runs: {message}"
+                )
+            logger.warning("Child run of group %d ended %s; starting it again", g, kind)
+            children[g] = start(g, attempts[g])
+    found = storage.read_many([result_path(g) for g in range(len(groups))])
+    results = [
+        ShardResult.model_validate(r)
+        for g in range(len(groups))
+        for r in json.loads(found[result_path(g)])
+    ]
+    _delete_limit(name)
+    by_index = {r.shard.index: r for r in results}
+    return [by_index[s.index] for s in shards if s.index in by_index]
+
+
+def _states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
+    """(group, state type, state message) of each child, read in one API call."""
+    by_id = {str(i): g for g, i in ids.items()}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids.values()))),
+            limit=len(ids),
+        )
+    return [
+        (
+            by_id[str(r.id)],
+            r.state_type.value if r.state_type else "SCHEDULED",
+            (r.state.message or "") if r.state else "",
+        )
+        for r in runs
+    ]
+
+
+def _ensure_limit(name: str, limit: int) -> None:
+    """The job's global concurrency limit at ``limit`` slots (made, or set again)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True)
+            )
+        except ObjectAlreadyExists:
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=limit, active=True)
+            )
+
+
+def _delete_limit(name: str) -> None:
+    try:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        pass
+    except Exception as exc:  # a leftover limit costs nothing; the results matter
+        get_run_logger().warning("Could not delete concurrency limit %s: %s", name, exc)
+
+
+def cancel_child_runs_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation hook of the parent: cancel every child run it recorded in its work
+    directory (their own hooks cancel their batches)."""
+    from prefect_kluster.flows.batch_inference import run_work_dir
+
+    work = run_work_dir(flow_run.parameters or {})
+    rounds = storage.listdir(fanout_dir(work))
+    records = [p for d in rounds for p in storage.listdir(storage.join(d, "children"))]
+    if not records:
+        return
+    ids = [json.loads(raw)["flow_run_id"] for raw in storage.read_many(records).values()]
+    cancelled = []
+    with get_client(sync_client=True) as client:
+        for run_id in ids:
+            try:
+                child = client.read_flow_run(UUID(run_id))
+                kind = child.state_type.value if child.state_type else "SCHEDULED"
+                if kind in FINAL or kind == "CANCELLING":
+                    continue
+                # A run not started yet is cancelled at once; a running one is stopped by
+                # its worker, which runs the child's own cancellation hooks.
+                new = Cancelled() if kind in {"SCHEDULED", "PENDING"} else Cancelling()
+                client.set_flow_run_state(child.id, new, force=True)
+                cancelled.append(run_id)
+            except Exception as exc:  # keep going: cancel as many as possible
+                logging.getLogger(__name__).warning(
+                    "Could not cancel child run %s: %s", run_id, type(exc).__name__
+                )
+    logging.getLogger(__name__).warning(
+        "Flow run cancelled: cancelled %d child run(s): %s", len(cancelled),
+        ", ".join(cancelled) or "none",
+    )  # fmt: skip

@@ -1,0 +1,213 @@
+"""Fan-out (issue 10) on the production shape: one job's shard groups as child flow runs.
+
+One stack for the module, as in tests/test_production_infra.py: PostgreSQL, a Prefect server
+on it, moto's S3 server with one bucket, the emulator as a subprocess, a process work pool and
+two workers A and B that share nothing but the server and the bucket. Both workers poll the
+pool's default queue with a limit of 3 flow runs each, so a parent and its four children
+cannot all fit on one worker: children run on both.
+
+"One batch per shard" is counted where payment happens: the emulator's ``POST /v1/batches``.
+The job-wide cap is watched from outside: the emulator's own list of batches, sampled while
+the job runs, never shows more batches unfinished than ``max_concurrency``.
+
+Run with ``.venv/bin/python -m pytest -q -s tests/test_fanout.py`` (``-s`` prints timings).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.helpers import requests
+from tests.production import (
+    ProductionServer,
+    S3Store,
+    Worker,
+    create_process_pool,
+    deploy,
+    moto_s3,
+    postgres,
+    prefect_server_on,
+    ran_by,
+    wait_for_state,
+    worker,
+)
+from tests.server import emulator_process, http_json
+
+BUCKET = "kluster-fanout"
+POOL = "kluster-pool"
+BATCH_DEPLOYMENT = "kluster-batch-inference/batch"
+LINES, PER_SHARD = 36, 3
+SHARDS = LINES // PER_SHARD  # 12
+GROUPS = 4
+CAP = 3
+RATE = 4.0  # lines per second per batch: a batch runs for about a second, so batches overlap
+RUN_TIMEOUT = 180.0  # a parent and four children: fresh Python processes on a shared machine
+FINISHED = {"completed", "failed", "expired", "cancelled"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_backend() -> Iterator[None]:
+    """These tests talk to their own PostgreSQL-backed server: no SQLite test harness."""
+    yield
+
+
+@dataclass
+class Stack:
+    base: Path
+    server: ProductionServer
+    store: S3Store
+    emulator_url: str  # ends in /v1
+    workers: dict[str, Worker]
+    group_deployment_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def emulator(self, method: str, path: str, body: Any = None) -> Any:
+        return http_json(method, self.emulator_url.removesuffix("/v1") + path, body)
+
+    def stats(self) -> dict[str, Any]:
+        return self.emulator("GET", "/_emulator/stats")
+
+    def calls(self, route: str) -> int:
+        return int(self.stats()["requests"].get(route, 0))
+
+    def put_input(self, key: str) -> tuple[str, list[str]]:
+        rows = requests(LINES, prefix="fan-")
+        body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+        self.store.client().put_object(Bucket=BUCKET, Key=key, Body=body)
+        return f"s3://{BUCKET}/{key}", [r["custom_id"] for r in rows]
+
+    def start(self, parameters: dict[str, Any]) -> str:
+        return str(run_deployment(BATCH_DEPLOYMENT, parameters=parameters, timeout=0).id)
+
+    def child_runs(self) -> list[dict[str, Any]]:
+        """Every flow run of the shard-group deployment on the server."""
+        body = {"deployments": {"id": {"any_": [self.group_deployment_id]}}, "limit": 200}
+        return self.server.api("POST", "/flow_runs/filter", body)
+
+    def wait_sampling(self, run_id: str) -> int:
+        """Wait for the run to complete, sampling the emulator's unfinished batches all the
+        while; the most seen at once."""
+        most = 0
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            unfinished = [b for b in self.stats()["batches"] if b["status"] not in FINISHED]
+            most = max(most, len(unfinished))
+            state = self.server.api("GET", f"/flow_runs/{run_id}")["state_type"]
+            if state in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                break
+            time.sleep(0.05)
+        wait_for_state(self.server, run_id, {"COMPLETED"}, 1)
+        return most
+
+
+def job(tag: str, input_url: str, **limits: Any) -> dict[str, Any]:
+    return {
+        "input_path": input_url,
+        "output_path": f"s3://{BUCKET}/{tag}/out.jsonl",
+        "output": {"work_dir": f"s3://{BUCKET}/{tag}/work", "overwrite": True},
+        "run": {"poll_interval": 0.5, "max_poll_interval": 1.0},
+        "limits": {"max_requests_per_file": PER_SHARD, "max_concurrency": CAP, **limits},
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("fanout")
+    began = time.monotonic()
+    api_key = secrets.token_hex(16)
+    with ExitStack() as stack:
+        store = stack.enter_context(moto_s3(base))
+        pg = stack.enter_context(postgres(base))
+        server = stack.enter_context(prefect_server_on(pg.url, base))
+        emulator_url, _ = stack.enter_context(emulator_process(base / "logs", "--api-key", api_key))
+        store.create_bucket(BUCKET)
+        create_process_pool(server, POOL)
+        env = {
+            **store.env,
+            "KLUSTER_API_KEY": api_key,
+            "KLUSTER_BASE_URL": emulator_url,
+            "KLUSTER_STORAGE_ROOTS": f"s3://{BUCKET}/",
+        }
+        workers = {
+            name: stack.enter_context(
+                worker(server, POOL, name, base, env=env, limit=3, wait=False)
+            )
+            for name in ("a", "b")
+        }
+        for w in workers.values():
+            w.wait_ready()
+        deploy(server, "prefect_kluster.flows.batch_inference.batch_inference", "batch", POOL)
+        group_id = deploy(
+            server, "prefect_kluster.flows.fanout.shard_group", "kluster-shard-group", POOL
+        )
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        timings = {"stack start-up": time.monotonic() - began}
+        handle = Stack(base, server, store, emulator_url, workers, group_id, timings)
+        yield handle
+        print("\nfan-out on the production shape, seconds:")
+        for what, seconds in handle.timings.items():
+            print(f"  {what}: {seconds:.1f}")
+
+
+def test_shard_groups_run_as_child_runs_on_both_workers(stack: Stack) -> None:
+    stack.emulator("POST", "/_emulator/reset")
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": RATE})
+    input_url, ids = stack.put_input("shared/in.jsonl")
+
+    began = time.monotonic()
+    parent = stack.start(job("fan", input_url, distribute=GROUPS))
+    most_running = stack.wait_sampling(parent)
+    stack.timings["fan-out job (12 shards, 4 groups, cap 3)"] = time.monotonic() - began
+
+    children = stack.child_runs()
+    assert len(children) == GROUPS
+    assert {c["state_type"] for c in children} == {"COMPLETED"}
+    assert {ran_by(stack.server, c["id"]) for c in children} == {"a", "b"}
+    assert all(c["parent_task_run_id"] for c in children), "children show under the parent"
+    assert stack.calls("POST /v1/batches") == SHARDS  # one batch per shard
+    fanned = stack.store.read(BUCKET, "fan/out.jsonl")
+    rows = [json.loads(line) for line in fanned.splitlines()]
+    assert [r["custom_id"] for r in rows] == ids
+    assert {r["status"] for r in rows} == {"ok"}
+    # The job-wide cap: never more batches unfinished at once than max_concurrency, though
+    # four children with three shards each could have run up to twelve.
+    print(f"\nmost batches unfinished at once: {most_running} (cap {CAP})")
+    assert 1 < most_running <= CAP
+    # The children's results are write-once objects in the shared work dir; the job's
+    # concurrency limit is gone once it is joined.
+    keys = stack.store.list_keys(BUCKET, "fan/work/fanout/")
+    assert len([k for k in keys if k.endswith(".result.json")]) == GROUPS
+    assert len([k for k in keys if "/children/" in k]) == GROUPS
+    limits = stack.server.api("POST", "/v2/concurrency_limits/filter", {})
+    assert [cl["name"] for cl in limits if cl["name"].startswith("kluster-job-")] == []
+
+    # The parent run again (a retry or a rerun of the same job): it finds its children by
+    # their idempotency keys, starts no second copy of any group and pays nothing twice.
+    began = time.monotonic()
+    again = stack.start(job("fan", input_url, distribute=GROUPS))
+    wait_for_state(stack.server, again, {"COMPLETED"}, RUN_TIMEOUT)
+    stack.timings["the same parent again"] = time.monotonic() - began
+    assert len(stack.child_runs()) == GROUPS
+    assert stack.calls("POST /v1/batches") == SHARDS
+    assert stack.store.read(BUCKET, "fan/out.jsonl") == fanned
+
+    # The same job without fan-out, on a fresh service: the same output, byte for byte.
+    stack.emulator("POST", "/_emulator/reset")
+    began = time.monotonic()
+    plain = stack.start(job("plain", input_url))
+    wait_for_state(stack.server, plain, {"COMPLETED"}, RUN_TIMEOUT)
+    stack.timings["the same job without fan-out"] = time.monotonic() - began
+    assert stack.calls("POST /v1/batches") == SHARDS
+    assert len(stack.child_runs()) == GROUPS
+    assert stack.store.read(BUCKET, "plain/out.jsonl") == fanned
