@@ -429,10 +429,11 @@ def unpack_checked(blob: bytes, estimating: bool) -> tuple[list[bytes], BlockCos
 class JoinedBlock:
     """The join's first pass over a block of result lines: their joined lines (each ending
     with a newline; a line that does not decode is kept as it is, kind UNREAD) and, per
-    line, the JSON custom_id, the kind, three token counts and the joined line's length.
-    Blank lines are skipped."""
+    line, the JSON custom_id, the kind, three token counts, the joined line's length and a
+    model code: an index into ``models`` (the block's own table of model names) for an ok
+    line that reports its model and usage, else -1. Blank lines are skipped."""
 
-    __slots__ = ("data", "ids", "kinds", "tokens", "lengths", "start")
+    __slots__ = ("data", "ids", "kinds", "tokens", "lengths", "start", "models", "codes")
 
     def __init__(self, lines: list[bytes]):
         decode = result_decoder.decode
@@ -442,7 +443,10 @@ class JoinedBlock:
         ids: list[bytes] = []
         kinds = bytearray()
         tokens = array("q")
+        codes = array("i")
+        table: dict[str, int] = {}
         add, add_id, add_kind, add_tokens = out.append, ids.append, kinds.append, tokens.extend
+        add_code = codes.append
         for line in lines:
             try:
                 result = decode(line)
@@ -455,6 +459,7 @@ class JoinedBlock:
                 add(line + b"\n")
                 add_kind(UNREAD)
                 add_tokens(_NO_TOKENS)
+                add_code(-1)
                 continue
             custom_id = result.custom_id
             joined = to_joined(custom_id, result)
@@ -463,32 +468,54 @@ class JoinedBlock:
             if joined.status == "ok":
                 add_kind(OK)
                 usage = joined.usage
-                add_tokens(
-                    _NO_TOKENS
-                    if usage is None
-                    else (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-                )
+                if usage is None:
+                    add_tokens(_NO_TOKENS)
+                    add_code(-1)
+                    continue
+                add_tokens((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens))
+                model = joined.model
+                if model is None:
+                    add_code(-1)
+                    continue
+                code = table.get(model)
+                if code is None:
+                    code = table[model] = len(table)
+                add_code(code)
             else:
                 add_kind(TRANSIENT if is_transient_failure(joined) else FAILED)
                 add_tokens(_NO_TOKENS)
+                add_code(-1)
         self.data = b"".join(out)
         self.ids = ids
         self.kinds = bytes(kinds)
         self.tokens = tokens
         self.lengths = array("q", map(len, out))
+        self.models = list(table)
+        self.codes = codes
         self.start = 0  # where the caller put ``data``
 
     def pack(self) -> bytes:
         """The block minus its joined lines, as the helper sends it."""
         ids = b"\n".join(self.ids)
-        head = struct.pack("<qq", len(self.kinds), len(ids))
-        return b"".join((head, self.kinds, self.tokens.tobytes(), self.lengths.tobytes(), ids))
+        models = msgspec.json.encode(self.models)
+        head = struct.pack("<qqq", len(self.kinds), len(ids), len(models))
+        return b"".join(
+            (
+                head,
+                self.kinds,
+                self.tokens.tobytes(),
+                self.lengths.tobytes(),
+                self.codes.tobytes(),
+                models,
+                ids,
+            )
+        )
 
     @classmethod
     def unpack(cls, blob: bytes) -> JoinedBlock:
-        count, ids_size = struct.unpack_from("<qq", blob)
+        count, ids_size, models_size = struct.unpack_from("<qqq", blob)
         block = cls.__new__(cls)
-        at = 16
+        at = 24
         block.kinds = blob[at : at + count]
         at += count
         block.tokens = array("q")
@@ -497,9 +524,16 @@ class JoinedBlock:
         block.lengths = array("q")
         block.lengths.frombytes(blob[at : at + 8 * count])
         at += 8 * count
+        block.codes = array("i")
+        block.codes.frombytes(blob[at : at + block.codes.itemsize * count])
+        at += block.codes.itemsize * count
+        block.models = msgspec.json.decode(blob[at : at + models_size], type=list[str])
+        at += models_size
         block.ids = blob[at : at + ids_size].split(b"\n") if count else []
-        if len(block.ids) != count:
+        if len(block.ids) != count or len(block.codes) != count:
             raise ValueError("helper answer does not add up")
+        if count and max(block.codes) >= len(block.models):
+            raise ValueError("helper answer names an unknown model")
         block.data = b""
         block.start = 0
         return block

@@ -102,6 +102,11 @@ class JoinSummary(BaseModel):
     failed: int = 0
     retryable: int = Field(0, description="Failed lines whose failure was transient.")
     usage: TokenUsage = Field(default_factory=TokenUsage)
+    usage_by_model: dict[str, TokenUsage] = Field(
+        default_factory=dict,
+        description="Token usage of the ok lines per model (as the results name it), "
+        "counted in the join's own pass.",
+    )
     shards: list[ShardSummary] = Field(default_factory=list)
 
 
@@ -145,6 +150,10 @@ class _ResultIndex:
         self._files: list[BinaryIO] = []
         self._hashes, self._starts, self._lengths = array("q"), array("q"), array("q")
         self._kinds, self._tokens = bytearray(), array("q")
+        # Join-wide model codes (-1: none) and the names they stand for.
+        self._codes = array("i")
+        self.model_names: list[str] = []
+        self._model_codes: dict[str, int] = {}
         # (first entry, file number) for each file that has entries, in file order.
         self._file_runs: list[tuple[int, int]] = []
         try:
@@ -171,6 +180,7 @@ class _ResultIndex:
         self.lengths = np.frombuffer(self._lengths, dtype=np.int64)
         self.kinds = np.frombuffer(self._kinds, dtype=np.int8)
         self.tokens = np.frombuffer(self._tokens, dtype=np.int64).reshape(-1, 3)
+        self.codes = np.frombuffer(self._codes, dtype=np.int32)
 
     def close(self) -> None:
         for handle in self._files:
@@ -276,6 +286,24 @@ class _ResultIndex:
             self._lengths.extend(block.lengths)
             self._kinds.extend(block.kinds)
             self._tokens.extend(block.tokens)
+            self._add_codes(block)
+
+    def _add_codes(self, block: JoinedBlock) -> None:
+        """The block's model codes, turned into join-wide ones."""
+        if not block.models:
+            self._codes.extend(array("i", [-1]) * len(block.codes))
+            return
+        known = self._model_codes
+        table = []
+        for name in block.models:
+            code = known.get(name)
+            if code is None:
+                code = known[name] = len(self.model_names)
+                self.model_names.append(name)
+            table.append(code)
+        table.append(-1)  # a block code of -1 picks this one
+        codes = np.asarray(table, dtype=np.int32)[np.frombuffer(block.codes, dtype=np.int32)]
+        self._codes.frombytes(codes.tobytes())
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -482,11 +510,14 @@ def _canonical(block: bytes) -> bool:
 
 
 class _Counts:
-    """Running counts of one shard's joined lines."""
+    """Running counts of one shard's joined lines (tokens per model in ``by_model``, one row
+    per join-wide model code)."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: int) -> None:
         self.succeeded = self.failed = self.retryable = 0
         self.tokens = np.zeros(3, dtype=np.int64)
+        self.by_model = np.zeros((models, 3), dtype=np.int64)
+        self.seen = np.zeros(models, dtype=bool)
 
 
 def _join_window(
@@ -524,7 +555,12 @@ def _join_window(
     counts.succeeded += succeeded
     counts.failed += count - succeeded
     if succeeded:
-        counts.tokens += index.tokens[entries[ok]].sum(axis=0)
+        ok_entries = entries[ok]
+        counts.tokens += index.tokens[ok_entries].sum(axis=0)
+        codes = index.codes[ok_entries]
+        named = codes >= 0
+        np.add.at(counts.by_model, codes[named], index.tokens[ok_entries[named]])
+        counts.seen[codes[named]] = True
     transient = (kinds == TRANSIENT) | ~hit
     counts.retryable += int(np.count_nonzero(transient))
 
@@ -591,8 +627,10 @@ def _join_all(
     retry_handle: BinaryIO | None,
     summary: JoinSummary,
 ) -> None:
+    by_model = np.zeros((len(index.model_names), 3), dtype=np.int64)
+    seen = np.zeros(len(index.model_names), dtype=bool)
     for shard in shards:
-        counts = _Counts()
+        counts = _Counts(len(index.model_names))
         for json_ids, ids in _read_ids(shard.ids_path):
             _join_window(index, json_ids, ids, counts, out, sink, retry_handle)
         prompt, completion, total = counts.tokens.tolist()
@@ -611,6 +649,15 @@ def _join_all(
         summary.failed += part.failed
         summary.retryable += counts.retryable
         summary.usage = summary.usage + part.usage
+        by_model += counts.by_model
+        seen |= counts.seen
+    summary.usage_by_model = {
+        name: TokenUsage(prompt_tokens=p, completion_tokens=c, total_tokens=t)
+        for name, (p, c, t), used in zip(
+            index.model_names, by_model.tolist(), seen.tolist(), strict=True
+        )
+        if used
+    }
 
 
 def join_result_files(

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from prefect_kluster.tasks.build import shard_request_file
 from prefect_kluster.tasks.join import OutputExistsError, ResultFileError, join_result_files
-
 from tests.helpers import read_jsonl, request, write_jsonl
 
 
@@ -220,3 +220,57 @@ def test_unreadable_line_deep_in_a_large_file_is_located(tmp_path):
     with pytest.raises(ResultFileError) as err:
         join_result_files(shards, [str(res)], tmp_path / "j.jsonl")
     assert err.value.line == count + 1, str(err.value)
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_usage_by_model_is_counted_in_the_join(tmp_path, monkeypatch, helper):
+    """Per-model usage comes with the summary, from the join's own pass: the same figures
+    as reading the joined output back (tasks.cost.usage_by_model), latest result winning,
+    errors, missing lines, results without usage or model, and results for no request
+    left out; in the helper process too."""
+    import tasks._lines as lines_module
+    from prefect_kluster.tasks.cost import usage_by_model
+
+    if helper:
+        monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 0)
+        monkeypatch.setattr(lines_module, "BLOCK_BYTES", 512)
+    ids = [f"r{i}" for i in range(60)]
+    shards = make_shards(tmp_path, ids, cap=25)
+    models = ["llama", "qwen", "деepseek"]
+
+    def with_model(line: dict, model: str | None) -> dict:
+        body = line["response"]["body"]
+        if model is None:
+            del body["model"]
+        else:
+            body["model"] = model
+        return line
+
+    first = []
+    for i, custom_id in enumerate(ids[:55]):
+        if i % 11 == 0:
+            first.append(error_line(custom_id))
+        else:
+            first.append(with_model(ok_line(custom_id, prompt=i, completion=i % 7), models[i % 3]))
+    no_usage = ok_line(ids[1])
+    del no_usage["response"]["body"]["usage"]
+    first[1] = no_usage
+    first[2] = with_model(ok_line(ids[2], prompt=100), None)
+    first.append(with_model(ok_line("not-a-request", prompt=10**6), "ghost"))
+    retried = [  # a later round wins: one error turned ok, one ok moved to another model
+        with_model(ok_line(ids[0], prompt=1000, completion=1), "qwen"),
+        with_model(ok_line(ids[4], prompt=2000, completion=2), "llama"),
+    ]
+    paths = [
+        str(write_jsonl(tmp_path / "a.jsonl", first)),
+        str(write_jsonl(tmp_path / "b.jsonl", retried)),
+    ]
+    out = tmp_path / "joined.jsonl"
+    summary = join_result_files(shards, paths, out)
+    expected = usage_by_model(out)
+    got = {name: usage.model_dump() for name, usage in summary.usage_by_model.items()}
+    assert got == {name: {f: getattr(u, f) for f in got[name]} for name, u in expected.items()}
+    assert set(got) == {"llama", "qwen", "деepseek"}
+    assert got["qwen"]["prompt_tokens"] >= 1000 and "ghost" not in got
+    totals = [sum(u[f] for u in got.values()) for f in ("prompt_tokens", "total_tokens")]
+    assert totals == [summary.usage.prompt_tokens - 100, summary.usage.total_tokens - 102]
