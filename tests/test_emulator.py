@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
 R1 = "deepseek-ai/DeepSeek-R1"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+WAIT = 60.0  # bound of every wait below: generous, so a busy machine does not fail them
 
 
 # --- helpers ---
@@ -54,7 +55,7 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
     """Poll until predicate() is truthy; fail with a clear message at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -66,7 +67,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "co
         time.sleep(0.01)
 
 
-def wait_status(client: openai.OpenAI, batch_id: str, timeout: float = 5.0) -> Any:
+def wait_status(client: openai.OpenAI, batch_id: str, timeout: float = WAIT) -> Any:
     """Poll a batch until it is terminal (compared case-insensitively)."""
 
     def done() -> Any:
@@ -370,7 +371,7 @@ def test_counts_rise_at_slow_rate(
             seen.append(current.request_counts.completed)
         return len(set(seen)) >= 3 and 0 < seen[-1] < 40
 
-    wait_for(midway, 5, "counts to rise while in_progress")
+    wait_for(midway, WAIT, "counts to rise while in_progress")
     assert seen == sorted(seen)
     done = wait_status(client, batch.id)
     assert done.status == "completed" and done.request_counts.completed == 40
@@ -408,7 +409,9 @@ def test_cancel_keeps_partial_output(
     client = connect(start(lines_per_second=50, cancel_delay=0.2))
     rows = [request_line(f"r{i}") for i in range(200)]
     batch = submit(client, write_jsonl(tmp_path / "in.jsonl", rows))
-    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 3, 5, "progress")
+    wait_for(
+        lambda: client.batches.retrieve(batch.id).request_counts.completed >= 3, WAIT, "progress"
+    )
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
     assert isinstance(cancelling.cancelling_at, int)
@@ -524,7 +527,7 @@ def test_capitalised_statuses(start: Callable[..., Emulator], connect: Any, tmp_
     client = connect(start(capitalised_statuses=True, lines_per_second=20))
     rows = [request_line(f"r{i}") for i in range(10)]
     batch = submit(client, write_jsonl(tmp_path / "in.jsonl", rows))
-    wait_for(lambda: client.batches.retrieve(batch.id).status == "InProgress", 5, "InProgress")
+    wait_for(lambda: client.batches.retrieve(batch.id).status == "InProgress", WAIT, "InProgress")
     assert wait_status(client, batch.id).status == "Completed"
 
 
@@ -717,7 +720,7 @@ def test_cli_subprocess(tmp_path: Path) -> None:
         finally:
             client.close()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=WAIT) == 0
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read()
     finally:
@@ -732,7 +735,9 @@ def test_exit_stops_running_batches_and_cleans_up(tmp_path: Path) -> None:
         with openai.OpenAI(base_url=emu.base_url, api_key="x", max_retries=0) as client:
             rows = [request_line(f"r{i}") for i in range(100)]
             batch = submit(client, write_jsonl(tmp_path / "in.jsonl", rows))
-            wait_for(lambda: client.batches.retrieve(batch.id).status == "in_progress", 5, "start")
+            wait_for(
+                lambda: client.batches.retrieve(batch.id).status == "in_progress", WAIT, "start"
+            )
         assert any(data_dir.joinpath("files").iterdir())
         leaving = time.monotonic()
     assert time.monotonic() - leaving < 3
