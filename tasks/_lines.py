@@ -59,6 +59,9 @@ BLOCK_BYTES = 1 << 22
 # What the join's first pass records of each result line.
 OK, FAILED, TRANSIENT, UNREAD = 0, 1, 2, 3
 _NO_TOKENS = (0, 0, 0)
+# Token counts are kept in 32 bits a line (12 MB less per million results than 64); a count
+# beyond this (no model has such a context) is clamped to it rather than failing the join.
+_TOKEN_CAP = (1 << 31) - 1
 
 
 def is_transient_failure(line: JoinedLine) -> bool:
@@ -442,7 +445,7 @@ class JoinedBlock:
         out: list[bytes] = []
         ids: list[bytes] = []
         kinds = bytearray()
-        tokens = array("q")
+        tokens = array("i")  # a line's counts fit 32 bits (see _TOKEN_CAP)
         codes = array("i")
         table: dict[str, int] = {}
         add, add_id, add_kind, add_tokens = out.append, ids.append, kinds.append, tokens.extend
@@ -472,7 +475,11 @@ class JoinedBlock:
                     add_tokens(_NO_TOKENS)
                     add_code(-1)
                     continue
-                add_tokens((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens))
+                counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+                try:
+                    add_tokens(counts)
+                except OverflowError:
+                    add_tokens([max(0, min(n, _TOKEN_CAP)) for n in counts])
                 model = joined.model
                 if model is None:
                     add_code(-1)
@@ -518,9 +525,9 @@ class JoinedBlock:
         at = 24
         block.kinds = blob[at : at + count]
         at += count
-        block.tokens = array("q")
-        block.tokens.frombytes(blob[at : at + 24 * count])
-        at += 24 * count
+        block.tokens = array("i")
+        block.tokens.frombytes(blob[at : at + 3 * block.tokens.itemsize * count])
+        at += 3 * block.tokens.itemsize * count
         block.lengths = array("q")
         block.lengths.frombytes(blob[at : at + 8 * count])
         at += 8 * count

@@ -2,7 +2,7 @@
 
 The service does not promise output order, so the join takes two passes. The first
 decodes every result line once and writes its joined line to a scratch file, keeping an
-index of about 50 bytes a result (a 64-bit hash of the custom_id, where the joined line
+index of about 40 bytes a result (a 64-bit hash of the custom_id, where the joined line
 is, its kind and token counts); on large inputs a helper process on a second core does
 part of it. The second pass reads the custom_ids of the requests a window at a time and
 copies their joined lines into the output, in input order; when the results came in
@@ -138,7 +138,7 @@ class _ResultIndex:
     One pass decodes every result line and writes its joined line to a scratch file (a
     helper process does part of it, into a second scratch file). The index keeps per result
     only a 64-bit hash of the JSON custom_id, where its joined line is, its kind (ok,
-    failed, transient) and token counts: about 50 bytes a result, in arrays. The join then
+    failed, transient), token counts and model: about 40 bytes a result, in arrays. The join then
     reads joined lines back a window of requests at a time.
     """
 
@@ -149,7 +149,7 @@ class _ResultIndex:
         ]
         self._files: list[BinaryIO] = []
         self._hashes, self._starts, self._lengths = array("q"), array("q"), array("q")
-        self._kinds, self._tokens = bytearray(), array("q")
+        self._kinds, self._tokens = bytearray(), array("i")
         # Join-wide model codes (-1: none) and the names they stand for.
         self._codes = array("i")
         self.model_names: list[str] = []
@@ -179,7 +179,7 @@ class _ResultIndex:
         self.starts = np.frombuffer(self._starts, dtype=np.int64)
         self.lengths = np.frombuffer(self._lengths, dtype=np.int64)
         self.kinds = np.frombuffer(self._kinds, dtype=np.int8)
-        self.tokens = np.frombuffer(self._tokens, dtype=np.int64).reshape(-1, 3)
+        self.tokens = np.frombuffer(self._tokens, dtype=np.int32).reshape(-1, 3)
         self.codes = np.frombuffer(self._codes, dtype=np.int32)
 
     def close(self) -> None:

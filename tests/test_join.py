@@ -274,3 +274,14 @@ def test_usage_by_model_is_counted_in_the_join(tmp_path, monkeypatch, helper):
     assert got["qwen"]["prompt_tokens"] >= 1000 and "ghost" not in got
     totals = [sum(u[f] for u in got.values()) for f in ("prompt_tokens", "total_tokens")]
     assert totals == [summary.usage.prompt_tokens - 100, summary.usage.total_tokens - 102]
+
+
+def test_a_token_count_beyond_32_bits_is_clamped_not_fatal(tmp_path):
+    shards = make_shards(tmp_path, ["a", "b"])
+    huge = ok_line("a", prompt=1 << 40, completion=1)
+    out = write_jsonl(tmp_path / "out.jsonl", [huge, ok_line("b", prompt=5, completion=1)])
+    summary = join_result_files(shards, [str(out)], tmp_path / "joined.jsonl")
+    assert summary.succeeded == 2
+    assert summary.usage.prompt_tokens == (1 << 31) - 1 + 5
+    # The joined line itself keeps the service's figure.
+    assert read_jsonl(tmp_path / "joined.jsonl")[0]["usage"]["prompt_tokens"] == 1 << 40
