@@ -310,7 +310,7 @@ def check_paths(
 @flow(
     name="kluster-batch-inference",
     task_runner=ThreadPoolTaskRunner(max_workers=64),
-    on_cancellation=[cancel_remote_batches_hook, fanout.cancel_child_runs_hook],
+    on_cancellation=[fanout.cancel_child_runs_hook, cancel_remote_batches_hook],
 )
 def batch_inference(
     input_path: str | None = None,

@@ -49,7 +49,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.options import Limits, RunOptions, StorageSettings
 from prefect_kluster.tasks import storage
-from prefect_kluster.tasks.submit import find_existing_batches
+from prefect_kluster.tasks.journal import Journal
+from prefect_kluster.tasks.submit import find_existing_batches, identity_key, shard_identity
 from prefect_kluster.tasks.types import BatchInfo, Shard
 
 if TYPE_CHECKING:
@@ -104,9 +105,34 @@ def limit_name(work: str, nonce: str | None) -> str:
 # --- the child ---------------------------------------------------------------------------------
 
 
+def cancel_group_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation hook of a child: cancel the batches of its own shards that are still
+    running (also one submitted after the parent's hook cancelled the job's batches)."""
+    from prefect_kluster.flows.batch_inference import cancel_running_batches
+
+    params = flow_run.parameters or {}
+    manifest = json.loads(storage.read_bytes(params["manifest_path"]))
+    run = RunOptions.model_validate(params.get("run") or {})
+    journal = Journal(storage.join(manifest["work_dir"], "state"))
+    ids = []
+    for raw in manifest["groups"][int(params["group"])]:
+        identity = shard_identity(Shard.model_validate(raw), int(manifest["round"]), run.run_label)
+        batch_id = journal.latest(identity_key(identity), "batch_id")
+        if batch_id:
+            ids.append(batch_id)
+    if not ids:
+        return
+    cancelled = cancel_running_batches(resolve_credentials(params.get("credentials_block")), ids)
+    logging.getLogger(__name__).warning(
+        "Shard group cancelled: cancelled %d running batch(es): %s", len(cancelled),
+        ", ".join(cancelled) or "none",
+    )  # fmt: skip
+
+
 @flow(
     name=SHARD_GROUP_FLOW,
     task_runner=ThreadPoolTaskRunner(max_workers=64),
+    on_cancellation=[cancel_group_batches_hook],
 )
 def shard_group(
     manifest_path: str,

@@ -42,7 +42,7 @@ from tests.production import (
     wait_for_state,
     worker,
 )
-from tests.server import emulator_process, http_json
+from tests.server import emulator_process, http_json, wait_for
 
 BUCKET = "kluster-fanout"
 POOL = "kluster-pool"
@@ -50,8 +50,9 @@ BATCH_DEPLOYMENT = "kluster-batch-inference/batch"
 LINES, PER_SHARD = 36, 3
 SHARDS = LINES // PER_SHARD  # 12
 GROUPS = 4
-CAP = 3
-RATE = 4.0  # lines per second per batch: a batch runs for about a second, so batches overlap
+CAP = 2  # four children of three shards, two threads each, could run eight at once
+RATE = 2.0  # lines per second per batch: a batch runs for 1.5 s, so batches overlap
+HOLD_RATE = 0.02  # while a test needs batches still running: 150 s per batch
 RUN_TIMEOUT = 180.0  # a parent and four children: fresh Python processes on a shared machine
 FINISHED = {"completed", "failed", "expired", "cancelled"}
 
@@ -81,8 +82,8 @@ class Stack:
     def calls(self, route: str) -> int:
         return int(self.stats()["requests"].get(route, 0))
 
-    def put_input(self, key: str) -> tuple[str, list[str]]:
-        rows = requests(LINES, prefix="fan-")
+    def put_input(self, key: str, prefix: str = "fan-") -> tuple[str, list[str]]:
+        rows = requests(LINES, prefix=prefix)
         body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
         self.store.client().put_object(Bucket=BUCKET, Key=key, Body=body)
         return f"s3://{BUCKET}/{key}", [r["custom_id"] for r in rows]
@@ -168,7 +169,7 @@ def test_shard_groups_run_as_child_runs_on_both_workers(stack: Stack) -> None:
     began = time.monotonic()
     parent = stack.start(job("fan", input_url, distribute=GROUPS))
     most_running = stack.wait_sampling(parent)
-    stack.timings["fan-out job (12 shards, 4 groups, cap 3)"] = time.monotonic() - began
+    stack.timings["fan-out job (12 shards, 4 groups, cap 2)"] = time.monotonic() - began
 
     children = stack.child_runs()
     assert len(children) == GROUPS
@@ -194,20 +195,50 @@ def test_shard_groups_run_as_child_runs_on_both_workers(stack: Stack) -> None:
 
     # The parent run again (a retry or a rerun of the same job): it finds its children by
     # their idempotency keys, starts no second copy of any group and pays nothing twice.
-    began = time.monotonic()
-    again = stack.start(job("fan", input_url, distribute=GROUPS))
-    wait_for_state(stack.server, again, {"COMPLETED"}, RUN_TIMEOUT)
-    stack.timings["the same parent again"] = time.monotonic() - began
-    assert len(stack.child_runs()) == GROUPS
-    assert stack.calls("POST /v1/batches") == SHARDS
-    assert stack.store.read(BUCKET, "fan/out.jsonl") == fanned
-
-    # The same job without fan-out, on a fresh service: the same output, byte for byte.
+    # Meanwhile, on a fresh service, the same job without fan-out: the same output.
     stack.emulator("POST", "/_emulator/reset")
     began = time.monotonic()
+    again = stack.start(job("fan", input_url, distribute=GROUPS))
     plain = stack.start(job("plain", input_url))
+    wait_for_state(stack.server, again, {"COMPLETED"}, RUN_TIMEOUT)
     wait_for_state(stack.server, plain, {"COMPLETED"}, RUN_TIMEOUT)
-    stack.timings["the same job without fan-out"] = time.monotonic() - began
-    assert stack.calls("POST /v1/batches") == SHARDS
+    stack.timings["the same parent again, and the job without fan-out"] = time.monotonic() - began
     assert len(stack.child_runs()) == GROUPS
+    assert stack.calls("POST /v1/batches") == SHARDS  # all of them the plain run's
+    assert stack.store.read(BUCKET, "fan/out.jsonl") == fanned
     assert stack.store.read(BUCKET, "plain/out.jsonl") == fanned
+
+
+@pytest.mark.timeout(480)  # a cancellation's hooks start late on a loaded machine
+def test_cancelling_the_parent_cancels_its_children_and_their_batches(stack: Stack) -> None:
+    stack.emulator("POST", "/_emulator/reset")
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": HOLD_RATE})
+    input_url, _ = stack.put_input("cancel/in.jsonl", prefix="cancel-")
+    began = time.monotonic()
+    parent = stack.start(job("cancel", input_url, distribute=GROUPS))
+
+    def children_started() -> list[str] | None:
+        records = [
+            k for k in stack.store.list_keys(BUCKET, "cancel/work/fanout/") if "/children/" in k
+        ]
+        running = [b for b in stack.stats()["batches"] if b["status"] == "in_progress"]
+        if len(records) < GROUPS or not running:
+            return None
+        return [json.loads(stack.store.read(BUCKET, k))["flow_run_id"] for k in records]
+
+    children = wait_for(children_started, RUN_TIMEOUT, "four children and a running batch", 0.5)
+    stack.server.api(
+        "POST", f"/flow_runs/{parent}/set_state", {"state": {"type": "CANCELLING"}, "force": True}
+    )
+
+    wait_for_state(stack.server, parent, {"CANCELLED"}, RUN_TIMEOUT)
+    for child in children:
+        wait_for_state(stack.server, child, {"CANCELLED"}, RUN_TIMEOUT)
+
+    def batches_ended() -> list[dict[str, Any]] | None:
+        batches = stack.stats()["batches"]
+        return batches if all(b["status"] in FINISHED for b in batches) else None
+
+    batches = wait_for(batches_ended, 60, "every batch of the job to end", 0.5)
+    stack.timings["cancel a fan-out job"] = time.monotonic() - began
+    assert batches and {b["status"] for b in batches} == {"cancelled"}
