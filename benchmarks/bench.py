@@ -1,7 +1,7 @@
 """Benchmark: validate + shard, join, and the whole flow, each beside the guide's way.
 
     .venv/bin/python benchmarks/bench.py [--n 1000000] [--e2e-n 100000] [--skip-e2e]
-                                          [--workdir DIR] [--repeat 1]
+                                          [--skip-real] [--workdir DIR] [--repeat 1] [--quick]
 
 It writes N synthetic guide-shaped requests (fixed seed, about 340 bytes a line) and N
 result lines in a temp dir, then measures, each in a fresh process (steps.py) so that
@@ -13,7 +13,17 @@ peak RSS is the step's own:
      ``join_result_files`` vs. whole files in memory, a dict by custom_id, ``json.dumps``;
   c. the flow on E2E-N requests against the in-process emulator vs. the guide's script
      (upload, create, poll every 0.2 s, ``.content``) through the openai SDK, beside the
-     emulator's own validation and processing time.
+     emulator's own validation and processing time;
+  d. validate + shard + cost tally (``shard_and_tally``, as the flow runs it) on N
+     real-world-shaped requests (benchmarks/data.py ``realistic_dicts``: user texts in many
+     scripts written as UTF-8 without escapes, image parts, long system prompts on one line
+     in five, CRLF on every 7th line), against a plain Python read of every line of the same
+     file in the same process; also without the estimate (``shard_request_file``): the
+     estimate's throughput cost; peak RSS at 100k and at N;
+  e. the join of N real-world result lines (answers in many scripts, UTF-8), against a
+     plain read of the result files in the same process.
+
+``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
 
 MB are 10^6 bytes. Peak RSS is VmHWM of the step's process plus the largest of any helper
 process it started. Each step also shows its CPU time and the load average when it began:
@@ -40,6 +50,8 @@ ROOT = HERE.parent
 STEPS = HERE / "steps.py"
 MAX_FILE_BYTES = 99_000_000  # the default of shard_request_file
 STEP_TIMEOUT = 3600
+sys.path.insert(0, str(HERE))
+from data import CRLF_EVERY  # noqa: E402
 
 TARGETS = {
     "shard_mb_s": 250.0,
@@ -50,6 +62,12 @@ TARGETS = {
     "join_rss_mb": 300.0,
     "e2e_factor": 1.5,
     "e2e_slack_s": 10.0,
+    # Real-world text (issue 13): each step against a plain line read of its own input,
+    # measured in the same process and run.
+    "real_shard_of_read": 0.35,
+    "real_join_of_read": 0.25,
+    "real_rss_mb": 300.0,
+    "real_rss_growth_mb": 50.0,
 }
 
 
@@ -144,6 +162,16 @@ class Report:
             f"  {impl:<9} {r['seconds']:8.2f} s (cpu {cpu} s)  {rate:>7} MB/s  "
             f"peak RSS {rss} MB  {ratio}  [load {load}]",
             flush=True,
+        )
+
+    def read_row(self, step: str, n: int, seconds: float, size: int, load: float) -> None:
+        """The plain line read a step is measured against (same process, same run)."""
+        rate = f"{mb(size) / seconds:.1f}"
+        self.rows.append(
+            (step, "plain read", f"{n:,}", f"{seconds:.2f}", "-", rate, "-", "1.00", "")
+        )
+        print(
+            f"  {'plain read':<10} {seconds:7.2f} s  {rate:>7} MB/s  [load {load:.2f}]", flush=True
         )
 
     def verdict(self, text: str) -> None:
@@ -310,11 +338,128 @@ def bench_e2e(report: Report, work: Path, source: Path, n: int, repeat: int) -> 
     print(f"  flow time beyond the emulator's own: {overhead:.2f} s", flush=True)
 
 
+def bench_real_shard(
+    report: Report, work: Path, source: Path, n: int, small_n: int, repeat: int
+) -> list[dict]:
+    size = source.stat().st_size
+    print(
+        f"\n(d) validate + shard + cost tally, real-world text (multilingual UTF-8 not escaped, "
+        f"image parts, long system prompts, CRLF on every {CRLF_EVERY}th line)",
+        flush=True,
+    )
+    small = work / f"real-requests-{small_n}.jsonl"
+    small_size = head_lines(source, small, small_n)
+    print(f" N={small_n:,} ({mb(small_size):.1f} MB)", flush=True)
+    out_small = work / "real-shards-small"
+    ours_small = run_ours(
+        repeat,
+        "real-shard",
+        lambda: shutil.rmtree(out_small),
+        source=str(small),
+        out_dir=str(out_small),
+        without_estimate=False,
+    )
+    report.read_row(
+        "d real shard", small_n, ours_small["read_seconds"], small_size, ours_small["load"]
+    )
+    of_read = ours_small["read_seconds"] / ours_small["seconds"]
+    report.row("d real shard", "ours", small_n, ours_small, small_size, f"{of_read:.2f}")
+    shutil.rmtree(out_small)
+    print(f" N={n:,} ({mb(size):.1f} MB)", flush=True)
+    out_dir = work / "real-shards"
+    ours = run_ours(
+        repeat,
+        "real-shard",
+        lambda: shutil.rmtree(out_dir),
+        source=str(source),
+        out_dir=str(out_dir),
+    )
+    read = ours["read_seconds"]
+    of_read = read / ours["seconds"]
+    report.read_row("d real shard", n, read, size, ours["load"])
+    report.row("d real shard", "ours", n, ours, size, f"{of_read:.2f}")
+    without = ours["seconds_without_estimate"]
+    estimate_cost = ours["seconds"] / without
+    report.rows.append(
+        ("d real shard", "no estimate", f"{n:,}", f"{without:.2f}", "-",
+         f"{mb(size) / without:.1f}", "-", f"{read / without:.2f}", "")
+    )  # fmt: skip
+    print(
+        f"  the cost estimate's throughput cost: {mb(size) / ours['seconds']:.1f} MB/s with, "
+        f"{mb(size) / without:.1f} MB/s without (shard_request_file, same file and process): "
+        f"{estimate_cost:.2f}x the time",
+        flush=True,
+    )
+    growth = ours["peak_rss_mb"] - ours_small["peak_rss_mb"]
+    print(
+        f"  peak RSS growth N={small_n:,} -> N={n:,}: {growth:+.1f} MB "
+        f"({ours_small['peak_rss_mb']:.1f} -> {ours['peak_rss_mb']:.1f})",
+        flush=True,
+    )
+    report.verdict(
+        f"real-world shard {mb(size) / ours['seconds']:.1f} MB/s = {of_read:.2f} of a plain "
+        f"read of the file ({mb(size) / read:.1f} MB/s, same run) >= "
+        f"{TARGETS['real_shard_of_read']:.2f}: {check(of_read >= TARGETS['real_shard_of_read'])}"
+    )
+    report.verdict(
+        f"real-world shard peak RSS {ours['peak_rss_mb']:.1f} MB <= "
+        f"{TARGETS['real_rss_mb']:.0f}: {check(ours['peak_rss_mb'] <= TARGETS['real_rss_mb'])}"
+    )
+    report.verdict(
+        f"real-world shard RSS growth {small_n:,} -> {n:,} {growth:+.1f} MB < "
+        f"{TARGETS['real_rss_growth_mb']:.0f}: "
+        f"{check(growth < TARGETS['real_rss_growth_mb'])}"
+    )
+    return ours["shards"]
+
+
+def bench_real_join(
+    report: Report, work: Path, shards: list[dict], result_paths: list[Path], n: int, repeat: int
+) -> None:
+    size = sum(p.stat().st_size for p in result_paths)
+    print(
+        f"\n(e) join N={n:,} real-world results ({mb(size):.1f} MB; answers in many scripts, "
+        "UTF-8 not escaped)",
+        flush=True,
+    )
+    shards_json = work / "real-shards.json"
+    shards_json.write_text(json.dumps(shards))
+    ours = run_ours(
+        repeat,
+        "real-join",
+        shards_json=str(shards_json),
+        result_paths=[str(p) for p in result_paths],
+        output=str(work / "real-joined"),
+    )
+    if ours["requests"] != n:
+        raise SystemExit(f"join results disagree: {ours}")
+    (work / "real-joined").unlink()
+    read = ours["read_seconds"]
+    of_read = read / ours["seconds"]
+    report.read_row("e real join", n, read, size, ours["load"])
+    report.row("e real join", "ours", n, ours, size, f"{of_read:.2f}")
+    report.verdict(
+        f"real-world join {mb(size) / ours['seconds']:.1f} MB/s = {of_read:.2f} of a plain read "
+        f"of the result files ({mb(size) / read:.1f} MB/s, same run) >= "
+        f"{TARGETS['real_join_of_read']:.2f}: {check(of_read >= TARGETS['real_join_of_read'])}"
+    )
+    report.verdict(
+        f"real-world join peak RSS {ours['peak_rss_mb']:.1f} MB <= {TARGETS['real_rss_mb']:.0f}: "
+        f"{check(ours['peak_rss_mb'] <= TARGETS['real_rss_mb'])}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="requests for (a) and (b)")
     parser.add_argument("--e2e-n", type=int, default=100_000, help="requests for (c)")
     parser.add_argument("--skip-e2e", action="store_true", help="skip (c)")
+    parser.add_argument("--skip-real", action="store_true", help="skip (d) and (e)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run of every step (N=2,000, e2e N=500) to check the benchmark itself",
+    )
     parser.add_argument("--workdir", help="where data goes (default: a temp dir, removed)")
     parser.add_argument(
         "--repeat",
@@ -323,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run each of our steps this many times (fresh processes) and report the fastest",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.e2e_n = 2000, 500
     if args.n < 10 or args.e2e_n < 1:
         parser.error("--n must be at least 10 and --e2e-n at least 1")
     small_n = min(100_000, args.n // 10)
@@ -340,16 +487,32 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         source = work / "requests.jsonl"
         out, err = work / "results.output.jsonl", work / "results.errors.jsonl"
-        generated = run_parallel(
-            [
-                ("gen-requests", {"path": str(source), "n": gen_n}),
-                ("gen-results", {"output_path": str(out), "error_path": str(err), "n": args.n}),
+        real_source = work / "real-requests.jsonl"
+        real_out = work / "real-results.output.jsonl"
+        real_err = work / "real-results.errors.jsonl"
+        gen = [
+            ("gen-requests", {"path": str(source), "n": gen_n}),
+            ("gen-results", {"output_path": str(out), "error_path": str(err), "n": args.n}),
+        ]
+        if not args.skip_real:
+            gen += [
+                ("gen-real-requests", {"path": str(real_source), "n": args.n}),
+                (
+                    "gen-real-results",
+                    {"output_path": str(real_out), "error_path": str(real_err), "n": args.n},
+                ),
             ]
-        )
+        generated = run_parallel(gen)
         print(
             f"generated {gen_n:,} requests ({mb(generated[0]['bytes']):.1f} MB) and "
-            f"{args.n:,} results ({mb(generated[1]['bytes']):.1f} MB) in "
-            f"{time.perf_counter() - start:.1f} s",
+            f"{args.n:,} results ({mb(generated[1]['bytes']):.1f} MB)"
+            + (
+                ""
+                if args.skip_real
+                else f", {args.n:,} real-world requests ({mb(generated[2]['bytes']):.1f} MB) "
+                f"and results ({mb(generated[3]['bytes']):.1f} MB)"
+            )
+            + f" in {time.perf_counter() - start:.1f} s",
             flush=True,
         )
         requests = source
@@ -361,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_join(report, work, shards, [out, err], args.n, repeat)
         if not args.skip_e2e:
             bench_e2e(report, work, source, args.e2e_n, repeat)
+        if not args.skip_real:
+            for path in (source, out, err):  # room on disk for the real-world files' steps
+                path.unlink(missing_ok=True)
+            real_shards = bench_real_shard(report, work, real_source, args.n, small_n, repeat)
+            bench_real_join(report, work, real_shards, [real_out, real_err], args.n, repeat)
         report.table()
     finally:
         if not args.workdir:

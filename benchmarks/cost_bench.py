@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import request_dicts, write_requests  # noqa: E402
+from data import MULTILINGUAL, request_dicts, write_requests  # noqa: E402
 
 from prefect_kluster.emulator.responder import count_tokens, prompt_tokens_of  # noqa: E402
 from prefect_kluster.tasks._lines import (  # noqa: E402
@@ -43,27 +43,6 @@ from prefect_kluster.tasks._lines import (  # noqa: E402
 )
 from prefect_kluster.tasks.build import shard_and_tally, shard_request_file  # noqa: E402
 from prefect_kluster.tasks.schema import Message, RequestBody, request_decoder  # noqa: E402
-
-# User texts as people write them, in many scripts (and the digits, ids and code that
-# tokenizers split finest).
-MULTILINGUAL = (
-    "What is the ultimate breakfast sandwich? Answer in two sentences.",
-    "Explica el teorema de Pitágoras con un ejemplo sencillo, por favor.",
-    "Résume ce ticket : le client dit que sa commande est arrivée en retard et abîmée.",
-    "Übersetze bitte: Die Straße ist nass, weil es die ganze Nacht geregnet hat.",
-    "Объясни, почему небо голубое, простыми словами для ребёнка.",
-    "请用三句话总结这篇文章的主要观点，并给出你的评价。",
-    "この文章を日本語で要約してください。重要な点を三つ挙げてください。",
-    "다음 리뷰의 감정을 분류하세요: 배송이 빨라서 정말 만족합니다!",
-    "لخص هذه التذكرة في جملة واحدة من فضلك.",
-    "कृपया इस समीक्षा की भावना को वर्गीकृत करें: उत्पाद बहुत अच्छा है।",
-    "Hãy dịch câu này sang tiếng Anh: Tôi rất thích học lập trình.",
-    "Lütfen bu yorumu olumlu ya da olumsuz olarak sınıflandırın: Ürün harika!",
-    "Czy możesz streścić ten artykuł w trzech zdaniach?",
-    "Order 4815162342 shipped on 2024-06-11 at 13:37; refund 1,299.99 of 31,415.92.",
-    "def f(x):\n    return {k: v ** 2 for k, v in x.items() if v % 3 == 0}\n",
-    "Emoji test 🎉🚀👍🏽 — naïve café résumé 50% off ¾ cup ✓",
-)
 
 
 def multilingual_dicts(n: int) -> Iterator[dict]:

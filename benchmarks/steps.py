@@ -146,6 +146,30 @@ def gen_results(output_path: str, error_path: str, n: int) -> dict[str, Any]:
     return {"bytes": out + err}
 
 
+def gen_real_requests(path: str, n: int) -> dict[str, Any]:
+    from data import write_realistic_requests
+
+    return {"bytes": write_realistic_requests(Path(path), n)}
+
+
+def gen_real_results(output_path: str, error_path: str, n: int) -> dict[str, Any]:
+    from data import write_results
+
+    out, err = write_results(n, Path(output_path), Path(error_path), realistic=True)
+    return {"bytes": out + err}
+
+
+def _plain_read(paths: list[str]) -> float:
+    """Seconds to read every line of ``paths`` in Python and do nothing with them: the
+    floor any line-by-line step stands on (the issue's yardstick)."""
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for _ in handle:
+                pass
+    return time.perf_counter() - start
+
+
 # --- (a) validate + shard ---------------------------------------------------------------
 
 
@@ -235,6 +259,39 @@ def baseline_shard(source: str, out_dir: str, max_file_bytes: int) -> dict[str, 
     return _result(seconds, start, files=files)
 
 
+def real_shard(source: str, out_dir: str, without_estimate: bool = True) -> dict[str, Any]:
+    """Validate + shard + cost tally (what the flow runs) on real-world-shaped requests,
+    beside a plain line read of the same file in this process (before and after; the
+    faster read counts), and, if asked, the same pass without the estimate."""
+    import shutil
+
+    from prefect_kluster.tasks.build import shard_and_tally, shard_request_file
+
+    reads = [_plain_read([source])]
+    with HelperWatch() as watch:
+        start = Clock()
+        shards, tally = shard_and_tally(source, out_dir)
+        seconds = start.stop()
+    reads.append(_plain_read([source]))
+    extra: dict[str, Any] = {}
+    if without_estimate:
+        shutil.rmtree(out_dir)
+        began = time.perf_counter()
+        shard_request_file(source, out_dir)
+        extra["seconds_without_estimate"] = time.perf_counter() - began
+        reads.append(_plain_read([source]))
+    return _result(
+        seconds,
+        start,
+        watch,
+        read_seconds=min(reads),
+        lines=sum(s.lines for s in shards),
+        models=len(tally.models),
+        shards=[s.model_dump() for s in shards],
+        **extra,
+    )
+
+
 # --- (b) join ---------------------------------------------------------------------------
 
 
@@ -255,6 +312,15 @@ def ours_join(shards_json: str, result_paths: list[str], output: str) -> dict[st
         succeeded=summary.succeeded,
         failed=summary.failed,
     )
+
+
+def real_join(shards_json: str, result_paths: list[str], output: str) -> dict[str, Any]:
+    """``ours_join`` on real-world-shaped results, beside a plain line read of the result
+    files in this process (before and after; the faster read counts)."""
+    reads = [_plain_read(result_paths)]
+    result = ours_join(shards_json, result_paths, output)
+    reads.append(_plain_read(result_paths))
+    return {**result, "read_seconds": min(reads)}
 
 
 def _guide_joined(custom_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
@@ -426,6 +492,10 @@ def baseline_e2e(source: str) -> dict[str, Any]:
 STEPS = {
     "gen-requests": gen_requests,
     "gen-results": gen_results,
+    "gen-real-requests": gen_real_requests,
+    "gen-real-results": gen_real_results,
+    "real-shard": real_shard,
+    "real-join": real_join,
     "ours-shard": ours_shard,
     "baseline-shard": baseline_shard,
     "ours-join": ours_join,
