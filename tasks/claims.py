@@ -22,21 +22,25 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import os
+import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from prefect_kluster.tasks.retry import is_transient_error
+
 CLAIM_PREFIX = "kluster_claim_"
 STALE_AFTER = 60.0
+SERVER_ATTEMPTS = 6
 RENEW_EVERY = 10.0
 WAIT_STEP = 0.5
 T = TypeVar("T")
@@ -70,12 +74,29 @@ class Claim:
         return self.owner == owner_id()
 
 
+def _patiently(call: Callable[[], T]) -> T:
+    """A call to the Prefect server, tried again while the server is busy (503) or briefly
+    out of reach: many shards claim at once."""
+    for attempt in range(SERVER_ATTEMPTS):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt + 1 == SERVER_ATTEMPTS or not is_transient_error(exc):
+                raise
+            time.sleep(min(0.25 * 2**attempt, 4.0) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
 def _claims(key: str) -> list[Claim]:
     """Every generation of the key's claim on the server, newest last."""
     base = _base(key)
-    with get_client(sync_client=True) as client:
-        body = {"variables": {"name": {"like_": f"{base}%"}}, "limit": 50}
-        found = client.request("POST", "/variables/filter", json=body).json()
+    body = {"variables": {"name": {"like_": f"{base}%"}}, "limit": 50}
+
+    def read() -> list[dict]:
+        with get_client(sync_client=True) as client:
+            return client.request("POST", "/variables/filter", json=body).json()
+
+    found = _patiently(read)
     claims = []
     for variable in found:
         value = variable.get("value") or {}
@@ -110,11 +131,17 @@ def _value(key: str) -> dict[str, object]:
 def _create(key: str, generation: int) -> Claim | None:
     name = f"{_base(key)}{generation}"
     value = _value(key)
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_variable(VariableCreate(name=name, value=value))
-        except ObjectAlreadyExists:
-            return None
+
+    def create() -> bool:
+        with get_client(sync_client=True) as client:
+            try:
+                client.create_variable(VariableCreate(name=name, value=value))
+            except ObjectAlreadyExists:
+                return False
+        return True
+
+    if not _patiently(create):
+        return None
     claim = Claim(key, name, generation, owner_id(), time.time(), socket.gethostname(), os.getpid())
     _Renewer.start(claim)
     return claim
@@ -138,6 +165,15 @@ class _Renewer:
                     target=context.run, args=(cls._run,), name="kluster-claims", daemon=True
                 )
                 cls._thread.start()
+
+    @classmethod
+    def holding(cls, key: str) -> Claim | None:
+        """The key's claim if this process holds it for the current flow run."""
+        with cls._lock:
+            for claim in cls._held.values():
+                if claim.key == key and claim.mine:
+                    return claim
+        return None
 
     @classmethod
     def stop(cls, name: str) -> None:
@@ -173,17 +209,27 @@ def _holder_gone(claim: Claim) -> bool:
         run_id = uuid.UUID(claim.owner)
     except ValueError:
         return False
-    with get_client(sync_client=True) as client:
-        try:
-            state = client.read_flow_run(run_id).state
-        except ObjectNotFound:
-            return True
-    return state is not None and state.is_final()
+
+    def read() -> Any:
+        with get_client(sync_client=True) as client:
+            try:
+                return client.read_flow_run(run_id).state
+            except ObjectNotFound:
+                return None
+
+    state = _patiently(read)
+    return state is None or state.is_final()
 
 
 def acquire(key: str, on_wait: Callable[[Claim], None] | None = None) -> Claim:
     """Hold the shard's claim: create it, take it over from a holder that is gone, or
     wait until its holder releases it. Re-entrant for the same flow run."""
+    held = _Renewer.holding(key)
+    if held is not None:
+        return held
+    claim = _create(key, 0)  # the usual case: one call
+    if claim is not None:
+        return claim
     while True:
         claims = _claims(key)
         if not claims:
@@ -210,22 +256,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def release(key: str) -> None:
-    """Drop every generation of the key's claim (the batch is on the service now)."""
-    with get_client(sync_client=True) as client:
-        for claim in _claims(key):
-            _Renewer.stop(claim.name)
+def _delete(name: str) -> None:
+    def delete() -> None:
+        with get_client(sync_client=True) as client:
             try:
-                client.delete_variable_by_name(claim.name)
+                client.delete_variable_by_name(name)
             except ObjectNotFound:
-                continue
+                pass
+
+    _Renewer.stop(name)
+    _patiently(delete)
 
 
-def held(key: str, work: Callable[[], T], on_wait: Callable[[Claim], None] | None = None) -> T:
-    """Run ``work`` while holding the key's claim; release it after, whatever happens
-    (a failure leaves nothing paid that the service does not know of)."""
-    acquire(key, on_wait)
-    try:
-        return work()
-    finally:
-        release(key)
+def release(key: str) -> None:
+    """Drop the key's claim (the batch is on the service now): the first generation this
+    run holds with one call, else every generation there is."""
+    mine = _Renewer.holding(key)
+    if mine is not None and mine.generation == 0:
+        _delete(mine.name)
+        return
+    for claim in _claims(key):
+        _delete(claim.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import openai
 from prefect.states import State
 from prefect.tasks import exponential_backoff
@@ -19,12 +20,15 @@ TASK_RETRY_JITTER = 0.5
 
 
 def is_transient_error(exc: BaseException) -> bool:
-    """True for failures that a later attempt can get past."""
+    """True for failures that a later attempt can get past: the service's, and the Prefect
+    server's (claims and pending records live there; a busy server answers 503)."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
-    return isinstance(exc, (ConnectionError, TimeoutError))
+    if isinstance(exc, httpx.HTTPStatusError):  # the Prefect client's errors among them
+        return exc.response.status_code == 429 or exc.response.status_code >= 500
+    return isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError))
 
 
 def retry_on_transient(task: Any, task_run: Any, state: State) -> bool:
