@@ -52,7 +52,6 @@ from prefect_kluster.tasks.cost import (
     check_budget,
     format_usd,
     load_prices,
-    usage_by_model,
 )
 from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.join import JoinSummary, OutputExistsError, parquet_path_for
@@ -473,7 +472,7 @@ def batch_inference(
         write_parquet(output_path, parquet_path)
         summary.parquet_path = parquet_path
     unregister_pending(work)
-    cost = actual_cost(usage_by_model(output_path), prices, run.completion_window)
+    cost = actual_cost(summary.usage_by_model, prices, run.completion_window)
     if reservation is not None:
         budget.settle(reservation, cost.total_usd)
         storage.remove(_reservation_path(work))
