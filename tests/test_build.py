@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from prefect_kluster.tasks.build import (
     RequestFileError,
     build_request_lines,
@@ -15,7 +16,6 @@ from prefect_kluster.tasks.build import (
     write_request_lines,
 )
 from prefect_kluster.tasks.upload import FileLimitError, check_file_limits
-
 from tests.helpers import MODEL, request, write_jsonl
 
 
