@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import pytest
 import uvicorn
@@ -18,12 +17,28 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
+@pytest.fixture(scope="session")
+def _real_backend_starter(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    """Start the real server and emulator processes in the background as soon as the session
+    begins, if any collected test needs them: they boot while the in-process tests run, and
+    ``real_backend`` only waits for what is left of that. Nothing starts otherwise."""
+    from tests.server import BackgroundBackend
+
+    if not any("real_backend" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        yield None
+        return
+    with BackgroundBackend(tmp_path_factory.mktemp("real-backend"), TEST_API_KEY) as starter:
+        yield starter
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_backend() -> Iterator[None]:
+def prefect_backend(_real_backend_starter: object) -> Iterator[None]:
     """Flows in tests run against a throwaway SQLite-backed Prefect server."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=240):
         yield
 
 
@@ -94,12 +109,8 @@ def kluster_env(emulator, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def real_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def real_backend(_real_backend_starter) -> object:
     """A real ``prefect server start`` and a ``python -m emulator`` process, started once
     for the modules that need real processes (deployments, the UI) and shared by them."""
-    from tests.server import RealBackend, server_and_emulator
-
-    base = tmp_path_factory.mktemp("real-backend")
-    with ExitStack() as stack:
-        server, emulator_url, _ = server_and_emulator(stack, base, TEST_API_KEY)
-        yield RealBackend(server=server, emulator_url=emulator_url, work=base)
+    assert _real_backend_starter is not None, "collected tests did not ask for real_backend"
+    return _real_backend_starter.result()

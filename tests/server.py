@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect") if (BIN / "prefect").exists() else "prefect"
 T = TypeVar("T")
 
-SERVER_START_TIMEOUT = 120.0
+SERVER_START_TIMEOUT = 240.0  # a busy 2-CPU machine boots a Prefect server slowly
 STOP_TIMEOUT = 15.0
 
 
@@ -258,6 +259,49 @@ class RealBackend:
         )
 
 
+class BackgroundBackend:
+    """``server_and_emulator`` entered in a thread, so the processes boot while the caller
+    does other work; ``result()`` waits for them (bounded) and re-raises a failed start.
+    Leaving the context stops both processes."""
+
+    def __init__(self, base_dir: Path, api_key: str, timeout: float = 2 * SERVER_START_TIMEOUT):
+        self._base, self._key, self._timeout = base_dir, api_key, timeout
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._value: RealBackend | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="real-backend", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with ExitStack() as stack:
+                server, url, _ = server_and_emulator(stack, self._base, self._key)
+                self._value = RealBackend(server=server, emulator_url=url, work=self._base)
+                self._ready.set()
+                self._stop.wait()
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> BackgroundBackend:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=STOP_TIMEOUT * 3)
+
+    def result(self) -> RealBackend:
+        if not self._ready.wait(self._timeout):
+            raise TimeoutError(
+                f"timed out after {self._timeout:g}s waiting for the real server and emulator"
+            )
+        if self._value is None:
+            raise RuntimeError("the real server and emulator did not start") from self._error
+        return self._value
+
+
 def delete_deployments() -> None:
     """Remove every deployment from the server this process talks to,
     so a module that deploys starts from none whatever ran on the shared server before."""
@@ -309,3 +353,17 @@ def pause_deployment(name: str) -> None:
 
     with get_client(sync_client=True) as client:
         client.pause_deployment(client.read_deployment_by_name(name).id)
+
+
+def create_process_pool(name: str) -> None:
+    """What ``prefect work-pool create NAME --type process --overwrite`` does (the process
+    worker's default job template), through the API rather than one more CLI process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(
+            WorkPoolCreate(name=name, type="process", base_job_template=template), overwrite=True
+        )

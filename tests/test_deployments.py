@@ -33,6 +33,7 @@ from tests.server import (
     ROOT,
     PrefectServer,
     RealBackend,
+    create_process_pool,
     delete_deployments,
     drain_events,
     pause_deployment,
@@ -72,7 +73,7 @@ def stack(real_backend: RealBackend) -> Iterator[Stack]:
         # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         delete_deployments()  # whatever another module served on the shared server
-        run_cli(["work-pool", "create", "kluster-pool", "--type", "process", "--overwrite"], env)
+        create_process_pool("kluster-pool")
         run_cli(
             ["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
             env,
