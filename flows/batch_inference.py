@@ -629,3 +629,13 @@ def _pending_result(
         error_files=[],
         shards=[],
     )
+
+
+if __name__ != "prefect_kluster.flows.batch_inference":
+    # Loaded by path, as a deployment's entrypoint (flows/batch_inference.py:batch_inference):
+    # every name here becomes the package module's, so each class and flow exists once (the
+    # tasks and the fan-out build the package's ShardResult, which a second copy refuses).
+    import importlib as _importlib
+
+    _package = _importlib.import_module("prefect_kluster.flows.batch_inference")
+    globals().update((k, v) for k, v in vars(_package).items() if not k.startswith("__"))
