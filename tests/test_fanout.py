@@ -182,9 +182,9 @@ def test_shard_groups_run_as_child_runs_on_both_workers(stack: Stack) -> None:
     assert [r["custom_id"] for r in rows] == ids
     assert {r["status"] for r in rows} == {"ok"}
     # The job-wide cap: never more batches unfinished at once than max_concurrency, though
-    # four children with three shards each could have run up to twelve.
+    # four children of two threads each could run eight.
     print(f"\nmost batches unfinished at once: {most_running} (cap {CAP})")
-    assert 1 < most_running <= CAP
+    assert 1 <= most_running <= CAP
     # The children's results are write-once objects in the shared work dir; the job's
     # concurrency limit is gone once it is joined.
     keys = stack.store.list_keys(BUCKET, "fan/work/fanout/")
