@@ -163,7 +163,8 @@ def run_shards(
     wait = run.run.wait
     results_dir = storage.join(run.work, f"round-{round_no}", "results")
     results: dict[int, ShardResult] = {}
-    in_flight: dict[Any, tuple[Shard, Any, bool]] = {}  # download -> shard, batch, holds a slot
+    # download -> shard, the steps before it (a batch that exists, or futures), holds a slot
+    in_flight: dict[Any, tuple[Shard, tuple[Any, ...], bool]] = {}
     left_running: list[BatchInfo] = []
     todo: list[tuple[Shard, BatchInfo | None]] = []
     cleanups: list[Any] = []
@@ -171,7 +172,7 @@ def run_shards(
         existing = run.known_batch(shard, round_no, known)
         if existing is not None and existing.is_terminal:  # ended: download, no slot needed
             downloaded = download_batch_results.submit(run.credentials, existing, results_dir)
-            in_flight[downloaded] = (shard, existing, False)
+            in_flight[downloaded] = (shard, (existing,), False)
         elif existing is not None and not wait:
             left_running.append(existing)
         else:
@@ -207,25 +208,41 @@ def run_shards(
                 run.run.max_poll_interval,
             )
             downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
-            in_flight[downloaded] = (shard, finished, True)
+            in_flight[downloaded] = (shard, (uploaded, submitted, finished), True)
             holding += 1
         if not in_flight:
             break
         done = next(as_completed(list(in_flight)))
-        shard, finished, held = in_flight.pop(done)
+        shard, steps, held = in_flight.pop(done)
         holding -= held
-        batch = finished if isinstance(finished, BatchInfo) else finished.result(False)
-        if isinstance(batch, BaseException):  # a timeout, or a wait that failed
-            raise batch
+        batch = _first_failure_or_last(steps)  # raises why the shard stopped, if it did
         output_file, error_file = done.result()
         results[shard.index] = ShardResult(
             round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
         )
     left_running += [future.result() for future in submitting]
     for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
-        if isinstance(cleaned.result(raise_on_failure=False), BaseException):
+        try:
+            failed = isinstance(cleaned.result(raise_on_failure=False), BaseException)
+        except Exception:  # never ran
+            failed = True
+        if failed:
             get_run_logger().warning("Could not delete an unused upload; it stays on the service")
     return [results[s.index] for s in shards if s.index in results], left_running, len(todo)
+
+
+def _first_failure_or_last(steps: tuple[Any, ...]) -> BatchInfo:
+    """The batch a shard's steps ended with, or the error of the first step that failed (a
+    step after a failed one never runs, and its own state says only that)."""
+    for step in steps:
+        if isinstance(step, BatchInfo):
+            continue
+        state = step.state
+        if state.is_failed() or state.is_crashed() or state.is_cancelled():
+            error = step.result(raise_on_failure=False)
+            raise error if isinstance(error, BaseException) else RuntimeError(str(state))
+    last = steps[-1]
+    return last if isinstance(last, BatchInfo) else last.result()
 
 
 def _overall_status(batches: list[BatchInfo]) -> str:
