@@ -47,7 +47,8 @@ def test_missing_input_and_existing_output_are_refused_at_once(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", requests(1))
     done, seconds = _cli(str(src), "-o", str(out), env=env)
     assert done.returncode == 1 and "already exists; pass --overwrite" in done.stderr
-    assert out.read_text() == "keep\n" and seconds < 3
+    assert out.read_text() == "keep\n"
+    assert seconds < 10, f"took {seconds:.1f} s (no Prefect server is started for this)"
 
 
 def test_bad_flags_are_refused_by_the_parser(tmp_path):
@@ -68,7 +69,8 @@ def test_unreachable_service_names_the_url_and_the_attempts(tmp_path):
     assert "2 attempt(s)" in done.stderr and "Check KLUSTER_BASE_URL" in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
-    assert seconds < 10, f"took {seconds:.1f} s"
+    # Two attempts, 5 s each at most: named well before a run's 27 s of task retries.
+    assert seconds < 20, f"took {seconds:.1f} s"
 
 
 def test_no_wait_then_collect_from_the_shell(tmp_path, kluster_env):
