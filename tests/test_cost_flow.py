@@ -184,3 +184,35 @@ def test_cost_is_in_the_closing_summary_of_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert ", cost $0." in done.stdout
     json.loads(out.read_text().splitlines()[0])
+
+
+def test_a_cancelled_run_gives_its_reservation_back(tmp_path, kluster_env, monkeypatch):
+    """A run not waiting keeps its reservation while its batches run; cancelling its flow
+    run (the on_cancellation hook) gives it back and cancels the batches."""
+    from types import SimpleNamespace
+
+    from prefect.variables import Variable
+
+    from prefect_kluster.flows.batch_inference import cancel_remote_batches_hook
+    from prefect_kluster.tasks.pending import list_pending
+    from tests.test_cost import LLAMA, line, user
+
+    name = f"c{tmp_path.name[-20:].lower().replace('_', '-')}"
+    monkeypatch.setenv("KLUSTER_BUDGET_USD", "10")
+    monkeypatch.setenv("KLUSTER_BUDGET_NAME", name)
+    kluster_env.configure(lines_per_second=1)  # still running when cancelled
+    rows = [line(f"r{i}", LLAMA, [user("Hi")], max_completion_tokens=5) for i in range(20)]
+    pending = _run(tmp_path, rows, run={**FAST, "wait": False})
+    assert pending.status == "pending"
+    limit = SpendingLimit(name=name, limit_usd=10)
+    reserved, _ = _held(budget_status(limit))
+    assert reserved == pytest.approx(pending.estimate.upper_usd("24h"), rel=1e-3)
+    try:
+        flow_run = SimpleNamespace(parameters={"output_path": str(tmp_path / "o.jsonl")})
+        cancel_remote_batches_hook(None, flow_run, None)
+        assert _held(budget_status(limit)) == (0, 0)
+        statuses = {b["status"] for b in kluster_env.stats()["batches"]}
+        assert statuses <= {"cancelling", "cancelled"}, statuses
+    finally:
+        for variable in list_pending():
+            Variable.unset(variable)
