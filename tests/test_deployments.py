@@ -38,7 +38,6 @@ from tests.server import (
     drain_events,
     pause_deployment,
     process,
-    read_events,
     run_cli,
     wait_for,
 )
@@ -116,6 +115,20 @@ def _run(deployment: str, parameters: dict | None = None, timeout: float = RUN_T
 def _related_to(event: dict, flow_run_id: UUID) -> bool:
     wanted = f"prefect.flow-run.{flow_run_id}"
     return any(r.get("prefect.resource.id") == wanted for r in event.get("related") or [])
+
+
+def _batch_events_of(stack: Stack, flow_run_id: UUID) -> list[dict]:
+    """The kluster.batch.* events related to one flow run (the shared server holds other
+    tests' events too, more than a page of them)."""
+    body = {
+        "filter": {
+            "event": {"prefix": ["kluster.batch."]},
+            "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        },
+        "limit": 50,
+    }
+    page = stack.server.api("POST", "/events/filter", body)
+    return [e for e in page.get("events") or [] if _related_to(e, flow_run_id)]
 
 
 def _logs_of(stack: Stack) -> str:
@@ -225,7 +238,7 @@ def test_on_demand_run_leaves_artifacts_and_events(stack: Stack, on_demand_run) 
         assert TEST_API_KEY not in json.dumps(artifact.model_dump(mode="json"))
 
     def events_of_run() -> list[dict]:
-        found = [e for e in read_events(stack.server, "kluster.batch.") if _related_to(e, run.id)]
+        found = _batch_events_of(stack, run.id)
         names = {e["event"] for e in found}
         return found if {"kluster.batch.submitted", "kluster.batch.completed"} <= names else []
 
@@ -348,11 +361,7 @@ def test_reporting_functions_inside_a_flow(stack: Stack) -> None:
     assert json.loads(artifacts[reporting.MODELS_KEY].data)[0]["model"] == "m-1"
 
     def events() -> dict[str, dict] | None:
-        mine = {
-            e["event"]: e
-            for e in read_events(stack.server, "kluster.batch.")
-            if _related_to(e, run_id)
-        }
+        mine = {e["event"]: e for e in _batch_events_of(stack, run_id)}
         return mine if len(mine) == 2 else None
 
     found = wait_for(events, 120, "the reporting flow's events")
@@ -462,7 +471,9 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
     source = write_jsonl(stack.work / "later.jsonl", rows)
     later = stack.work / "later-out" / "results.jsonl"
     before = {b["id"] for b in _batches(stack)}
-    _emulator_admin(stack, "/_emulator/config", {"lines_per_second": 8})
+    # Slow enough that the batches still run when the submitting run has ended, however long
+    # a busy machine takes to start and end that run; sped up again before collecting.
+    _emulator_admin(stack, "/_emulator/config", {"lines_per_second": 0.5})
     try:
         submitted = _run(
             f"{BATCH_FLOW}/kluster-batch-on-demand",
@@ -486,6 +497,7 @@ def test_long_wait_mode_holds_no_flow_run_and_matches_the_waiting_output(stack: 
             )
         assert holding == [], "no flow run stays Running while the batches wait"
         assert not later.exists()
+        _emulator_admin(stack, "/_emulator/config", {"lines_per_second": None})
         collected = wait_for(
             lambda: (
                 _run(f"{COLLECT_FLOW}/kluster-collect-batches").state.is_completed()
