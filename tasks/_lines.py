@@ -257,11 +257,23 @@ class BlockCost:
                 else:
                     other_chars += len(text)
                     other_bytes += len(text.encode())
+        self.record(body, len(messages), images, ascii_chars, other_chars, other_bytes)
+
+    def record(
+        self,
+        body: Any,
+        messages: int,
+        images: int,
+        ascii_chars: int,
+        other_chars: int,
+        other_bytes: int,
+    ) -> None:
+        """Add one measured request to its model's counts."""
         tally = self.models.get(body.model)
         if tally is None:
             tally = self.models[body.model] = [0, 0, 0, 0, 0, 0, 0, 0]
         tally[0] += 1
-        tally[1] += len(messages)
+        tally[1] += messages
         tally[2] += images
         tally[3] += ascii_chars
         tally[4] += other_chars
@@ -343,7 +355,7 @@ def check_requests(
     decode = raw_request_decoder.decode
     check = content_decoder.decode
     seen: dict[bytes, tuple[int, int, int, int]] = {}
-    tallies = cost.models
+    record = cost.record
     ids = []
     add_id = ids.append
     for line in lines:
@@ -390,22 +402,7 @@ def check_requests(
                 other_bytes += counts[2]
                 images += counts[3]
         add_id(request.custom_id)
-        tally = tallies.get(model)
-        if tally is None:
-            tally = tallies[model] = [0, 0, 0, 0, 0, 0, 0, 0]
-        tally[0] += 1
-        tally[1] += len(messages)
-        tally[2] += images
-        tally[3] += ascii_chars
-        tally[4] += other_chars
-        tally[5] += other_bytes
-        cap = body.max_completion_tokens
-        if cap is None:
-            cap = body.max_tokens
-        if cap is None:
-            tally[7] += 1
-        else:
-            tally[6] += cap
+        record(body, len(messages), images, ascii_chars, other_chars, other_bytes)
     return list(map(msgspec.json.encode, ids))
 
 
