@@ -347,6 +347,25 @@ def drain_events(timeout: float = 10.0) -> None:
     EventsWorker.drain_all(timeout=timeout, at_exit=False)
 
 
+@contextmanager
+def prefect_api(api_url: str) -> Iterator[None]:
+    """Point this process's Prefect client at ``api_url`` for the block.
+
+    Prefect keeps one events worker per process, keyed without the API URL, so a worker started
+    earlier (say, by a flow run on the session's test harness) would go on sending this block's
+    events to the old server. Draining it on the way in makes the next event start one for
+    ``api_url``; draining on the way out flushes this block's events while their server is up.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    drain_events()
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            yield
+        finally:
+            drain_events()
+
+
 def pause_deployment(name: str) -> None:
     """Pause ``flow-name/deployment-name`` so its schedule starts nothing during the tests."""
     from prefect.client.orchestration import get_client

@@ -21,7 +21,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_kluster.flows import reporting
 from prefect_kluster.tasks.join import JoinSummary, ShardSummary
@@ -35,8 +34,8 @@ from tests.server import (
     RealBackend,
     create_process_pool,
     delete_deployments,
-    drain_events,
     pause_deployment,
+    prefect_api,
     process,
     run_cli,
     wait_for,
@@ -70,7 +69,7 @@ def stack(real_backend: RealBackend) -> Iterator[Stack]:
     )
     with ExitStack() as stack:
         # This process's Prefect client (run_deployment, get_client, test flows) uses it too.
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect_api(server.api_url))
         delete_deployments()  # whatever another module served on the shared server
         create_process_pool("kluster-pool")
         run_cli(
@@ -86,7 +85,6 @@ def stack(real_backend: RealBackend) -> Iterator[Stack]:
                 server.log_dir,
             )
         )
-        stack.callback(drain_events)  # runs first at teardown, while the server is up
         pause_deployment(f"{BATCH_FLOW}/kluster-batch-nightly")  # no 02:00 surprise
         pause_deployment(f"{COLLECT_FLOW}/kluster-collect-batches")  # the test collects itself
         yield Stack(server=server, emulator_url=real_backend.emulator_url, env=env, work=base)

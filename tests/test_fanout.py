@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.helpers import requests
 from tests.production import (
@@ -42,7 +41,7 @@ from tests.production import (
     wait_for_state,
     worker,
 )
-from tests.server import emulator_process, http_json, wait_for
+from tests.server import emulator_process, http_json, prefect_api, wait_for
 
 BUCKET = "kluster-fanout"
 POOL = "kluster-pool"
@@ -152,7 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         group_id = deploy(
             server, "prefect_kluster.flows.fanout.shard_group", "kluster-shard-group", POOL
         )
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect_api(server.api_url))
         timings = {"stack start-up": time.monotonic() - began}
         handle = Stack(base, server, store, emulator_url, workers, group_id, timings)
         yield handle

@@ -37,7 +37,6 @@ from typing import Any
 
 import pytest
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_kluster.tasks import claims
 from prefect_kluster.tasks.build import shard_request_file
@@ -58,7 +57,7 @@ from tests.production import (
     wait_for_state,
     worker,
 )
-from tests.server import emulator_process, http_json, wait_for
+from tests.server import emulator_process, http_json, prefect_api, wait_for
 
 BUCKET = "kluster-prod"
 OTHER_BUCKET = "kluster-elsewhere"
@@ -217,7 +216,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             w.wait_ready()
         deploy(server, "prefect_kluster.flows.batch_inference.batch_inference", "batch", POOL)
         deploy(server, "prefect_kluster.flows.pending.collect_batches", "collect", POOL)
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect_api(server.api_url))
         timings["stack start-up"] = time.monotonic() - began
         yield Stack(base, pg, server, store, emulator_url, workers, timings)
         print("\nproduction acceptance, seconds:")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.production import (
     Postgres,
@@ -32,7 +31,7 @@ from tests.production import (
     wait_for_state,
     worker,
 )
-from tests.server import wait_for
+from tests.server import prefect_api, wait_for
 
 BUCKET = "kluster-test"
 POOL = "production-pool"
@@ -101,7 +100,7 @@ def shape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shape]:
         began = time.monotonic()
         deploy(server, "tests.flows_for_workers.worker_probe", "probe", POOL)
         timings["deploy"] = time.monotonic() - began
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect_api(server.api_url))
         yield Shape(base, pg, server, store, workers, timings)
         print("\nproduction shape start-up, seconds:")
         for what, seconds in timings.items():

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.serve import build_deployments
 from tests.conftest import TEST_API_KEY
@@ -29,8 +28,8 @@ from tests.server import (
     PrefectServer,
     RealBackend,
     delete_deployments,
-    drain_events,
     pause_deployment,
+    prefect_api,
     process,
     tail,
     wait_for,
@@ -77,7 +76,7 @@ def served(real_backend: RealBackend) -> Iterator[Served]:
         KLUSTER_STORAGE_ROOTS=str(base),  # the runs' files are under the session's folder
     )
     with ExitStack() as stack:
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect_api(server.api_url))
         # The deployments module deploys the same names through a work pool: start from none,
         # so "all deployments exist" below means serve.py made them.
         delete_deployments()
@@ -86,7 +85,6 @@ def served(real_backend: RealBackend) -> Iterator[Served]:
                 "serve", [sys.executable, "deployments/serve.py"], env, server.log_dir, cwd=ROOT
             )
         )
-        stack.callback(drain_events)  # runs first at teardown, while the server is up
 
         expected = {d.name for d in build_deployments()}
 
