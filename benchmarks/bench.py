@@ -1,7 +1,8 @@
 """Benchmark: validate + shard, join, and the whole flow, each beside the guide's way.
 
     .venv/bin/python benchmarks/bench.py [--n 1000000] [--e2e-n 100000] [--skip-e2e]
-                                          [--skip-real] [--workdir DIR] [--repeat 1] [--quick]
+                                          [--skip-real] [--skip-fanout] [--workdir DIR]
+                                          [--repeat 1] [--quick]
 
 It writes N synthetic guide-shaped requests (fixed seed, about 340 bytes a line) and N
 result lines in a temp dir, then measures, each in a fresh process (steps.py) so that
@@ -22,6 +23,9 @@ peak RSS is the step's own:
      estimate's throughput cost; peak RSS at 100k and at N;
   e. the join of N real-world result lines (answers in many scripts, UTF-8), against a
      plain read of the result files in the same process.
+  f. fan-out (issue 10, benchmarks/fanout_bench.py): the same job of N real-world requests
+     on one process worker and on two (``limits.distribute``), on PostgreSQL, a Prefect
+     server and the emulator as a subprocess: wall time and peak RSS per worker; no target.
 
 ``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
 
@@ -456,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-e2e", action="store_true", help="skip (c)")
     parser.add_argument("--skip-real", action="store_true", help="skip (d) and (e)")
     parser.add_argument(
+        "--skip-fanout", action="store_true", help="skip (f), one job on one worker and on two"
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a tiny run of every step (N=2,000, e2e N=500) to check the benchmark itself",
@@ -529,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                 path.unlink(missing_ok=True)
             real_shards = bench_real_shard(report, work, real_source, args.n, small_n, repeat)
             bench_real_join(report, work, real_shards, [real_out, real_err], args.n, repeat)
+        if not args.skip_fanout:
+            from fanout_bench import bench_fanout
+
+            fanout_source = None if args.skip_real else real_source  # same generator and N
+            bench_fanout(report, work, args.n, quick=args.quick, source=fanout_source)
         report.table()
     finally:
         if not args.workdir:
