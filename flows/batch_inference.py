@@ -15,17 +15,15 @@ if __name__ == "__main__":  # the command line checks what it can before importi
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from prefect_kluster.blocks import KlusterCredentials, resolve_credentials
+from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows import fanout
 from prefect_kluster.flows.options import (
     BudgetSettings,
@@ -42,6 +40,13 @@ from prefect_kluster.flows.reporting import (
     publish_run_summary,
     update_batch_progress,
 )
+from prefect_kluster.flows.shards import (
+    ShardResult,
+    ShardRun,
+    cancel_running_batches,
+    default_work_dir,
+    run_work_dir,
+)
 from prefect_kluster.tasks import budget, storage
 from prefect_kluster.tasks.build import build_request_file, validate_shard_and_estimate
 from prefect_kluster.tasks.cost import (
@@ -53,7 +58,6 @@ from prefect_kluster.tasks.cost import (
     format_usd,
     load_prices,
 )
-from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.join import JoinSummary, OutputExistsError, parquet_path_for
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.manage import list_models
@@ -62,15 +66,9 @@ from prefect_kluster.tasks.progress import forget_run, summed_counts, watch_prog
 from prefect_kluster.tasks.rounds import build_retry_shards, join_round, write_parquet
 from prefect_kluster.tasks.submit import (
     find_existing_batches,
-    identity_key,
-    matches,
-    reusable,
-    shard_identity,
-    submit_shard,
 )
-from prefect_kluster.tasks.types import BatchInfo, RequestCounts, Shard, TokenUsage
-from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
-from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_pauses, wait_for_batch
+from prefect_kluster.tasks.types import BatchInfo, RequestCounts, TokenUsage
+from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_pauses
 
 
 class BatchRunError(RuntimeError):
@@ -79,14 +77,6 @@ class BatchRunError(RuntimeError):
     def __init__(self, message: str, result: BatchRunResult | None = None):
         self.result = result
         super().__init__(message)
-
-
-class ShardResult(BaseModel):
-    round: int = Field(1, description="1 for the first try, 2+ for failed-line rounds.")
-    shard: Shard
-    batch: BatchInfo
-    output_file: str | None = None
-    error_file: str | None = None
 
 
 class BatchRunResult(BaseModel):
@@ -119,162 +109,11 @@ class BatchRunResult(BaseModel):
         return self.batch_ids[0]
 
 
-def default_work_dir(output_path: str, work_dir: str | None = None) -> str:
-    """Where a run keeps shards, its state and downloads: stable across reruns, so a rerun
-    (or the collector, on any worker that reaches it) finds the run's state there."""
-    return work_dir or f"{output_path}.work"
-
-
-@dataclass
-class _Run:
-    """What every shard of one run shares."""
-
-    credentials: KlusterCredentials
-    work: str
-    run: RunOptions
-    limits: Limits
-    deadline: float | None
-    nonce: str | None
-    started: float
-
-    @property
-    def state_dir(self) -> str:
-        return storage.join(self.work, "state")
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-
-    def known_batch(self, shard: Shard, round_no: int, known: list[BatchInfo]) -> BatchInfo | None:
-        identity = shard_identity(shard, round_no, self.nonce)
-        return next((b for b in known if matches(b, identity) and reusable(b)), None)
-
-
-def run_shards(
-    run: _Run, shards: list[Shard], round_no: int, known: list[BatchInfo]
-) -> tuple[list[ShardResult], list[BatchInfo], int]:
-    """Take every shard of a round as far as it goes, at most ``max_concurrency`` batches
-    running at once: upload -> submit -> wait -> download.
-
-    Waiting (``run.wait``), it returns when every shard is done. Not waiting, it takes
-    each shard only as far as it goes now: an ended batch is downloaded, a running one is
-    left running, and a shard with no batch is submitted while a slot is free. Returns the
-    results of the finished shards, the batches left running, and how many shards still
-    wait for a slot."""
-    wait = run.run.wait
-    results_dir = storage.join(run.work, f"round-{round_no}", "results")
-    results: dict[int, ShardResult] = {}
-    # download -> shard, the steps before it (a batch that exists, or futures), holds a slot
-    in_flight: dict[Any, tuple[Shard, tuple[Any, ...], bool]] = {}
-    left_running: list[BatchInfo] = []
-    todo: list[tuple[Shard, BatchInfo | None]] = []
-    cleanups: list[Any] = []
-    for shard in shards:
-        existing = run.known_batch(shard, round_no, known)
-        if existing is not None and existing.is_terminal:  # ended: download, no slot needed
-            downloaded = download_batch_results.submit(run.credentials, existing, results_dir)
-            in_flight[downloaded] = (shard, (existing,), False)
-        elif existing is not None and not wait:
-            left_running.append(existing)
-        else:
-            todo.append((shard, existing))
-    slots = max(1, run.limits.max_concurrency) - len(left_running)
-    holding = 0
-    submitting: list[Any] = []  # not waiting: batches being made, each keeps its slot
-    while todo or in_flight:
-        while todo and holding < slots:
-            shard, existing = todo.pop(0)
-            identity = shard_identity(shard, round_no, run.nonce)
-            uploaded = upload_shard.submit(
-                run.credentials, shard, identity, run.state_dir, existing, run.started
-            )
-            submitted = submit_shard.submit(
-                run.credentials, uploaded, run.state_dir, run.run.completion_window,
-                run.run.metadata,
-            )  # fmt: skip
-            cleanups.append(
-                clean_up_uploads.submit(
-                    run.credentials, shard, submitted, run.state_dir, identity_key(identity)
-                )
-            )
-            if not wait:  # the batch keeps its slot until a collection finds it ended
-                submitting.append(submitted)
-                slots -= 1
-                continue
-            finished = wait_for_batch.submit(
-                run.credentials,
-                submitted,
-                run.run.poll_interval,
-                run.remaining(),
-                run.run.max_poll_interval,
-            )
-            downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
-            in_flight[downloaded] = (shard, (uploaded, submitted, finished), True)
-            holding += 1
-        if not in_flight:
-            break
-        done = next(as_completed(list(in_flight)))
-        shard, steps, held = in_flight.pop(done)
-        holding -= held
-        batch = _first_failure_or_last(steps)  # raises why the shard stopped, if it did
-        output_file, error_file = done.result()
-        results[shard.index] = ShardResult(
-            round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
-        )
-    left_running += [future.result() for future in submitting]
-    for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
-        try:
-            failed = isinstance(cleaned.result(raise_on_failure=False), BaseException)
-        except Exception:  # never ran
-            failed = True
-        if failed:
-            get_run_logger().warning("Could not delete an unused upload; it stays on the service")
-    return [results[s.index] for s in shards if s.index in results], left_running, len(todo)
-
-
-def _first_failure_or_last(steps: tuple[Any, ...]) -> BatchInfo:
-    """The batch a shard's steps ended with, or the error of the first step that failed (a
-    step after a failed one never runs, and its own state says only that)."""
-    for step in steps:
-        if isinstance(step, BatchInfo):
-            continue
-        state = step.state
-        if state.is_failed() or state.is_crashed() or state.is_cancelled():
-            error = step.result(raise_on_failure=False)
-            raise error if isinstance(error, BaseException) else RuntimeError(str(state))
-    last = steps[-1]
-    return last if isinstance(last, BatchInfo) else last.result()
-
-
 def _overall_status(batches: list[BatchInfo]) -> str:
     for status in ("failed", "expired", "cancelled"):
         if any(b.status == status for b in batches):
             return status
     return "completed"
-
-
-def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:
-    """Cancel each batch that is still running; returns the ids asked to cancel."""
-    cancelled = []
-    with credentials.get_client() as client:
-        for batch_id in batch_ids:
-            try:
-                batch = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
-                if not batch.is_terminal and batch.status != "cancelling":
-                    client.batches.cancel(batch_id, extra_body={})
-                    cancelled.append(batch_id)
-            except Exception as exc:  # keep going: cancel as many as possible
-                logging.getLogger(__name__).warning(
-                    "Could not cancel batch %s: %s", batch_id, type(exc).__name__
-                )
-    return cancelled
-
-
-def run_work_dir(parameters: dict[str, Any]) -> str:
-    """The work directory of a run, from its parameters (as Prefect stores them)."""
-    output = parameters.get("output") or {}
-    if isinstance(output, BaseModel):
-        output = output.model_dump()
-    return default_work_dir(parameters.get("output_path", "results.jsonl"), output.get("work_dir"))
 
 
 def cancel_remote_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
@@ -372,7 +211,7 @@ def batch_inference(
     work = default_work_dir(output_path, output.work_dir)
     credentials = resolve_credentials(credentials_block)
     ctx = FlowRunContext.get()
-    state = _Run(
+    state = ShardRun(
         credentials=credentials,
         work=work,
         run=run,
@@ -601,7 +440,7 @@ def _estimate_result(estimate: CostEstimate, output_path: str, work: str) -> Bat
 
 
 def _pending_result(
-    state: _Run,
+    state: ShardRun,
     output_path: str,
     credentials_block: str | None,
     input_path: str | None,
@@ -624,12 +463,17 @@ def _pending_result(
         "run": state.run.model_copy(update={"run_label": state.nonce}).model_dump(),
         "limits": limits.model_dump(),
     }
-    name = register_pending(state.work, parameters, [b.id for b in running], queued, round_no)
+    name = register_pending(
+        state.work, parameters, [b.id for b in running], queued, round_no, state.children
+    )
+    if state.children:
+        waiting = f"{queued} shard(s) in {len(state.children)} child run(s) still working"
+    else:
+        waiting = f"{len(running)} batch(es) running, {queued} shard(s) waiting for a free slot"
     get_run_logger().info(
-        "%d batch(es) running, %d shard(s) waiting for a free slot (round %d); not waiting. "
-        "The kluster-collect-batches flow goes on with this run (pending as %s).",
-        len(running),
-        queued,
+        "%s (round %d); not waiting. The kluster-collect-batches flow goes on with this run "
+        "(pending as %s).",
+        waiting,
         round_no,
         name,
     )

@@ -28,7 +28,9 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
 from uuid import UUID
 
 from prefect import flow
@@ -37,24 +39,40 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
-from prefect.states import Cancelled, Cancelling
+from prefect.settings import get_current_settings
+from prefect.states import Cancelled, Cancelling, Crashed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.options import Limits, RunOptions, StorageSettings
+from prefect_kluster.flows.shards import (
+    ShardResult,
+    ShardRun,
+    cancel_running_batches,
+    run_shards,
+    run_work_dir,
+)
 from prefect_kluster.tasks import storage
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import find_existing_batches, identity_key, shard_identity
 from prefect_kluster.tasks.types import BatchInfo, Shard
-
-if TYPE_CHECKING:
-    from prefect_kluster.flows.batch_inference import ShardResult, _Run
 
 SHARD_GROUP_FLOW = "kluster-shard-group"
 SHARD_GROUP_DEPLOYMENT = f"{SHARD_GROUP_FLOW}/kluster-shard-group"
@@ -63,6 +81,10 @@ AUTO_MAX_GROUPS = 32
 MAX_CHILD_ATTEMPTS = 4  # child runs per group over every try of the parent (crashes restart)
 WAIT_CYCLE_MAX = 10.0  # seconds between reads of the children's states, at most
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+STALE_MARGIN = 15.0  # seconds beyond two missed heartbeats before a child counts as gone
+EVENTS_PAGE = 50  # the most events the server returns at once
+HEARTBEAT_CHUNK = 12  # children per heartbeat read: at most 3 beats each fit in one page
+LEASE_SECONDS = 60.0  # the job limit's slot lease (the server's minimum), renewed while held
 
 
 class ShardGroupError(RuntimeError):
@@ -108,8 +130,6 @@ def limit_name(work: str, nonce: str | None) -> str:
 def cancel_group_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation hook of a child: cancel the batches of its own shards that are still
     running (also one submitted after the parent's hook cancelled the job's batches)."""
-    from prefect_kluster.flows.batch_inference import cancel_running_batches
-
     params = flow_run.parameters or {}
     manifest = json.loads(storage.read_bytes(params["manifest_path"]))
     run = RunOptions.model_validate(params.get("run") or {})
@@ -154,8 +174,6 @@ def shard_group(
         started: When the parent run started (uploads since then are its own).
 
     Returns the path of the group's results object."""
-    from prefect_kluster.flows.batch_inference import _Run, run_shards
-
     logger = get_run_logger()
     roots = StorageSettings().roots
     storage.check_roots({"manifest_path": manifest_path}, roots)
@@ -167,7 +185,7 @@ def shard_group(
     if storage.exists(result_path):  # a rerun of a finished group: nothing left to do
         return result_path
     credentials = resolve_credentials(credentials_block)
-    state = _Run(
+    state = ShardRun(
         credentials=credentials,
         work=work,
         run=run,
@@ -185,7 +203,11 @@ def shard_group(
     def one(shard: Shard) -> list[ShardResult]:
         if name is None:
             return run_shards(state, [shard], round_no, known)[0]
-        with concurrency(name, occupy=1, timeout_seconds=state.remaining()):
+        # A short lease (renewed while the slot is held): a child killed with its worker
+        # gives its slots back within a minute, not the default five.
+        with concurrency(
+            name, occupy=1, timeout_seconds=state.remaining(), lease_duration=LEASE_SECONDS
+        ):
             return run_shards(state, [shard], round_no, known)[0]
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard") as pool:
@@ -205,132 +227,165 @@ def shard_group(
 
 
 def run_round(
-    state: _Run,
+    state: ShardRun,
     shards: list[Shard],
     round_no: int,
     known: list[BatchInfo],
     credentials_block: str | None,
 ) -> tuple[list[ShardResult], list[BatchInfo], int]:
-    """One round of the parent: its own shards as always, or (``limits.distribute`` set
-    and waiting) its groups by child runs. Same answer as ``run_shards``."""
-    from prefect_kluster.flows.batch_inference import run_shards
-
+    """One round of the parent: its own shards as always, or (``limits.distribute`` set) its
+    groups by child runs. Same answer as ``run_shards``: not waiting, the shards of groups
+    still running count as queued, and their child runs are noted in ``state.children``."""
     if state.limits.distribute is None:
         return run_shards(state, shards, round_no, known)
+    job = GroupJob.prepare(state, shards, round_no, credentials_block)
+    job.find_children()
     if not state.run.wait:
-        get_run_logger().warning(
-            "limits.distribute is ignored with wait=False: this run takes its shards itself"
+        job.check()  # one look, no sleep: the collector looks again later
+        if job.waiting:
+            state.children = [str(job.children[g].id) for g in sorted(job.waiting)]
+            return [], [], sum(len(job.groups[g]) for g in job.waiting)
+        return job.results(), [], 0
+    cycle = min(max(state.run.poll_interval, 1.0), WAIT_CYCLE_MAX)
+    while job.waiting:  # one read of every child's state a cycle
+        remaining = state.remaining()
+        if remaining is not None and remaining <= 0:
+            raise ShardGroupError(f"timed out waiting for {len(job.waiting)} group(s)")
+        time.sleep(cycle if remaining is None else min(cycle, remaining))
+        job.check()
+    return job.results(), [], 0
+
+
+@dataclass
+class GroupJob:
+    """One round's shard groups and the child runs that take them, as found in (and
+    recorded to) the work directory."""
+
+    state: ShardRun
+    shards: list[Shard]
+    round_no: int
+    groups: list[list[Shard]]
+    job: str  # digest of the work dir, round, run label and shard hashes
+    job_dir: str
+    limit: str
+    parameters: dict[str, Any]
+    attempts: dict[int, int] = field(default_factory=dict)
+    children: dict[int, FlowRun] = field(default_factory=dict)
+    waiting: set[int] = field(default_factory=set)
+
+    @classmethod
+    def prepare(
+        cls, state: ShardRun, shards: list[Shard], round_no: int, credentials_block: str | None
+    ) -> GroupJob:
+        """Split the shards, write the group manifest once and make the job's limit."""
+        groups = split(shards, group_count(state.limits.distribute or 1, len(shards)))
+        job = _digest(
+            storage.normalise(state.work), str(round_no), state.nonce or "",
+            *(s.sha256 for s in shards),
+        )  # fmt: skip
+        job_dir = storage.join(fanout_dir(state.work), f"round-{round_no}-{job[:16]}")
+        name = limit_name(state.work, state.nonce)
+        manifest_path = storage.join(job_dir, "manifest.json")
+        manifest = {
+            "work_dir": state.work,
+            "round": round_no,
+            "concurrency_limit": name,
+            "groups": [[s.model_dump(mode="json") for s in g] for g in groups],
+        }
+        storage.create_once(manifest_path, json.dumps(manifest).encode())  # same job, same bytes
+        _ensure_limit(name, state.limits.max_concurrency)
+        # A child always waits for its shards (a parent that does not wait leaves that to
+        # its children and the collector).
+        child_run = state.run.model_copy(
+            update={"run_label": state.nonce, "timeout": state.remaining(), "wait": True}
         )
-        return run_shards(state, shards, round_no, known)
-    return run_groups(state, shards, round_no, credentials_block), [], 0
+        parameters = {
+            "manifest_path": manifest_path,
+            "credentials_block": credentials_block,
+            "run": child_run.model_dump(mode="json"),
+            "limits": state.limits.model_dump(mode="json"),
+            "started": state.started,
+        }
+        return cls(state, shards, round_no, groups, job, job_dir, name, parameters)
 
+    def result_path(self, group: int) -> str:
+        return storage.join(self.job_dir, f"group-{group}.result.json")
 
-def run_groups(
-    state: _Run, shards: list[Shard], round_no: int, credentials_block: str | None
-) -> list[ShardResult]:
-    """Start (or find) one child run per group, wait for them all, read their results."""
-    from prefect_kluster.flows.batch_inference import ShardResult
-
-    logger = get_run_logger()
-    groups = split(shards, group_count(state.limits.distribute or 1, len(shards)))
-    job = _digest(
-        storage.normalise(state.work), str(round_no), state.nonce or "",
-        *(s.sha256 for s in shards),
-    )  # fmt: skip
-    job_dir = storage.join(fanout_dir(state.work), f"round-{round_no}-{job[:16]}")
-    name = limit_name(state.work, state.nonce)
-    manifest_path = storage.join(job_dir, "manifest.json")
-    manifest = {
-        "work_dir": state.work,
-        "round": round_no,
-        "concurrency_limit": name,
-        "groups": [[s.model_dump(mode="json") for s in g] for g in groups],
-    }
-    storage.create_once(manifest_path, json.dumps(manifest).encode())  # same job, same bytes
-    _ensure_limit(name, state.limits.max_concurrency)
-    child_run = state.run.model_copy(
-        update={"run_label": state.nonce, "timeout": state.remaining()}
-    )
-    parameters = {
-        "manifest_path": manifest_path,
-        "credentials_block": credentials_block,
-        "run": child_run.model_dump(mode="json"),
-        "limits": state.limits.model_dump(mode="json"),
-        "started": state.started,
-    }
-
-    def start(group: int, attempt: int) -> FlowRun:
-        key = f"{SHARD_GROUP_FLOW}:{job}:group-{group}:attempt-{attempt}"
+    def start(self, group: int) -> FlowRun:
+        """The group's child run of its current attempt: made now, or found by its key."""
+        attempt = self.attempts[group]
+        key = f"{SHARD_GROUP_FLOW}:{self.job}:group-{group}:attempt-{attempt}"
         child = run_deployment(
             SHARD_GROUP_DEPLOYMENT,
-            parameters={**parameters, "group": group},
+            parameters={**self.parameters, "group": group},
             timeout=0,
             idempotency_key=key,
-            flow_run_name=f"shard-group-{group}-r{round_no}-{job[:8]}",
+            flow_run_name=f"shard-group-{group}-r{self.round_no}-{self.job[:8]}",
         )
         record = json.dumps({"flow_run_id": str(child.id), "group": group, "key": key})
         storage.create_once(
-            storage.join(job_dir, "children", f"group-{group}-attempt-{attempt}.json"),
+            storage.join(self.job_dir, "children", f"group-{group}-attempt-{attempt}.json"),
             record.encode(),
         )
+        self.children[group] = child
         return child
 
-    def result_path(group: int) -> str:
-        return storage.join(job_dir, f"group-{group}.result.json")
+    def find_children(self) -> None:
+        """Each group's live child: an idempotency key returns the run already made for it
+        (by this parent, a crashed one or a collection); a child that ended without results
+        is followed by the next attempt's key."""
+        for g in range(len(self.groups)):
+            self.attempts[g] = 1
+            while True:
+                child = self.start(g)
+                kind = child.state_type.value if child.state_type else "SCHEDULED"
+                if kind not in FINAL or storage.exists(self.result_path(g)):
+                    break
+                self._next_attempt(g, kind, child.state.message if child.state else "")
+        self.waiting = {g for g in self.children if not storage.exists(self.result_path(g))}
+        get_run_logger().info(
+            "Round %d: %d shard(s) in %d group(s), run by child flow runs %s",
+            self.round_no, len(self.shards), len(self.groups),
+            ", ".join(str(c.id) for c in self.children.values()),
+        )  # fmt: skip
 
-    # Find each group's live child: an idempotency key returns the run already made for it;
-    # a child that ended without results is followed by the next attempt's key.
-    attempts = dict.fromkeys(range(len(groups)), 1)
-    children: dict[int, FlowRun] = {}
-    for g in range(len(groups)):
-        while True:
-            child = start(g, attempts[g])
-            kind = child.state_type.value if child.state_type else "SCHEDULED"
-            if kind not in FINAL or storage.exists(result_path(g)):
-                break
-            if kind == "CANCELLED":
-                raise ShardGroupError(f"child run {child.id} of group {g} was cancelled")
-            attempts[g] += 1
-            if attempts[g] > MAX_CHILD_ATTEMPTS:
-                raise ShardGroupError(f"group {g} ended {kind} in {MAX_CHILD_ATTEMPTS} child runs")
-        children[g] = child
-    logger.info(
-        "Round %d: %d shard(s) in %d group(s), run by child flow runs %s",
-        round_no, len(shards), len(groups), ", ".join(str(c.id) for c in children.values()),
-    )  # fmt: skip
+    def _next_attempt(self, group: int, kind: str, message: str | None) -> None:
+        child = self.children[group]
+        if kind == "CANCELLED":
+            raise ShardGroupError(f"child run {child.id} of group {group} was cancelled")
+        self.attempts[group] += 1
+        if self.attempts[group] > MAX_CHILD_ATTEMPTS:
+            raise ShardGroupError(
+                f"group {group} ended {kind} in {MAX_CHILD_ATTEMPTS} child runs: {message or ''}"
+            )
 
-    # Wait: one read of every child's state a cycle; a crashed child is started again.
-    cycle = min(max(state.run.poll_interval, 1.0), WAIT_CYCLE_MAX)
-    waiting = {g for g in children if not storage.exists(result_path(g))}
-    while waiting:
-        remaining = state.remaining()
-        if remaining is not None and remaining <= 0:
-            raise ShardGroupError(f"timed out waiting for {len(waiting)} group(s)")
-        time.sleep(cycle if remaining is None else min(cycle, remaining))
-        for g, kind, message in _states({g: children[g].id for g in waiting}):
+    def check(self) -> None:
+        """One look at the children still waiting: a finished group leaves ``waiting``; a
+        child that crashed, failed or went silent is followed by the next attempt."""
+        if not self.waiting:
+            return
+        ids = {g: self.children[g].id for g in self.waiting}
+        silent = silent_children(ids)
+        for g, kind, message in _states(ids):
+            if kind == "RUNNING" and self.children[g].id in silent:
+                kind, message = "CRASHED", silent[self.children[g].id]
             if kind not in FINAL:
                 continue
-            if kind == "COMPLETED" and storage.exists(result_path(g)):
-                waiting.discard(g)
+            if kind == "COMPLETED" and storage.exists(self.result_path(g)):
+                self.waiting.discard(g)
                 continue
-            if kind == "CANCELLED":
-                raise ShardGroupError(f"child run {children[g].id} of group {g} was cancelled")
-            attempts[g] += 1
-            if attempts[g] > MAX_CHILD_ATTEMPTS:
-                raise ShardGroupError(
-                    f"group {g} ended {kind} in {MAX_CHILD_ATTEMPTS} child runs: {message}"
-                )
-            logger.warning("Child run of group %d ended %s; starting it again", g, kind)
-            children[g] = start(g, attempts[g])
-    found = storage.read_many([result_path(g) for g in range(len(groups))])
-    results = [
-        ShardResult.model_validate(r)
-        for g in range(len(groups))
-        for r in json.loads(found[result_path(g)])
-    ]
-    _delete_limit(name)
-    by_index = {r.shard.index: r for r in results}
-    return [by_index[s.index] for s in shards if s.index in by_index]
+            self._next_attempt(g, kind, message)
+            get_run_logger().warning("Child run of group %d ended %s; starting it again", g, kind)
+            self.start(g)
+
+    def results(self) -> list[ShardResult]:
+        """Every group's results, in input order; the job's limit is no longer needed."""
+        paths = [self.result_path(g) for g in range(len(self.groups))]
+        found = storage.read_many(paths)
+        results = [ShardResult.model_validate(r) for p in paths for r in json.loads(found[p])]
+        _delete_limit(self.limit)
+        by_index = {r.shard.index: r for r in results}
+        return [by_index[s.index] for s in self.shards if s.index in by_index]
 
 
 def _states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
@@ -349,6 +404,60 @@ def _states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
         )
         for r in runs
     ]
+
+
+def silent_children(ids: dict[int, UUID]) -> dict[UUID, str]:
+    """Children that run but have stopped sending heartbeats (their worker or machine is
+    gone: ``kill -9``, a lost node), each marked Crashed so the next attempt can start.
+
+    A flow run sends a ``prefect.flow-run.heartbeat`` event every
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds; Prefect itself leaves a run whose process
+    vanished Running for ever. Silent for two beats and a margin counts as gone. No call while
+    no child has run that long; a failed check is logged and tried again next cycle."""
+    beat = get_current_settings().flows.heartbeat_frequency
+    if beat is None or not ids:
+        return {}
+    silence = 2 * max(beat, 30) + STALE_MARGIN
+    try:
+        return _mark_silent(list(ids.values()), silence)
+    except Exception as exc:  # the children's own states still tell the rest
+        logging.getLogger(__name__).warning("Could not read the children's heartbeats: %s", exc)
+        return {}
+
+
+def _mark_silent(ids: list[UUID], silence: float) -> dict[UUID, str]:
+    now = datetime.now(timezone.utc)
+    silent: dict[UUID, str] = {}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            ),
+            limit=len(ids),
+        )
+        # Only a run that has been running longer than the silence can have gone silent.
+        old = [r for r in runs if r.start_time and (now - r.start_time).total_seconds() > silence]
+        for start in range(0, len(old), HEARTBEAT_CHUNK):
+            chunk = old[start : start + HEARTBEAT_CHUNK]
+            page = client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(
+                        since=now - timedelta(seconds=silence), until=now + timedelta(hours=1)
+                    ),  # a later bound: clocks of other machines may run ahead
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{r.id}" for r in chunk]),
+                ),
+                limit=EVENTS_PAGE,
+            )
+            beating = {e.resource.id.removeprefix("prefect.flow-run.") for e in page.events}
+            for r in chunk:
+                if str(r.id) in beating:
+                    continue
+                message = f"no heartbeat for {silence:.0f}s: its worker or machine is gone"
+                client.set_flow_run_state(r.id, Crashed(message=message), force=True)
+                silent[r.id] = message
+    return silent
 
 
 def _ensure_limit(name: str, limit: int) -> None:
@@ -377,8 +486,6 @@ def _delete_limit(name: str) -> None:
 def cancel_child_runs_hook(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation hook of the parent: cancel every child run it recorded in its work
     directory (their own hooks cancel their batches)."""
-    from prefect_kluster.flows.batch_inference import run_work_dir
-
     work = run_work_dir(flow_run.parameters or {})
     rounds = storage.listdir(fanout_dir(work))
     records = [p for d in rounds for p in storage.listdir(storage.join(d, "children"))]

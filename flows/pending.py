@@ -5,20 +5,42 @@ a waiting run, on whichever worker it runs (the run's state is in its work direc
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.logging import get_run_logger
 from prefect.variables import Variable
 
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.batch_inference import BatchRunError, batch_inference
+from prefect_kluster.flows.fanout import silent_children
 from prefect_kluster.tasks.pending import list_pending, read_pending
 from prefect_kluster.tasks.types import BatchInfo
+
+
+def _children_ready(child_runs: list[str]) -> tuple[bool, str]:
+    """A distributed run is ready when none of its child runs is still working (one read
+    of their states); the run itself then joins, or starts a group again. A child gone
+    silent with its worker is marked Crashed here, so its group is started again."""
+    silent_children({i: UUID(run_id) for i, run_id in enumerate(child_runs)})
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in child_runs])),
+            limit=len(child_runs),
+        )
+    working = [r for r in runs if not (r.state and r.state.is_final())]
+    if not working:
+        return True, ""
+    return False, f"{len(working)} of {len(child_runs)} shard group run(s) still working"
 
 
 def _ready(record: dict[str, Any]) -> tuple[bool, str]:
     """Whether the run has work to do now: every batch has ended or, with shards waiting
     for a slot, one has. Stops at the first batch that settles the question."""
+    if record.get("child_runs"):
+        return _children_ready(record["child_runs"])
     queued = int(record.get("queued") or 0)
     credentials = resolve_credentials(record["parameters"].get("credentials_block"))
     running = []

@@ -39,12 +39,15 @@ def register_pending(
     batch_ids: list[str],
     queued: int = 0,
     round_no: int = 1,
+    child_runs: list[str] | None = None,
 ) -> str:
-    """Record (or refresh) a pending run; returns its Variable's name."""
+    """Record (or refresh) a pending run; returns its Variable's name. A distributed run
+    lists the child flow runs whose groups are still working."""
     record = {
         "parameters": parameters,
         "batch_ids": batch_ids,
         "queued": queued,
+        "child_runs": child_runs or [],
         "round": round_no,
         "registered_at": time.time(),
     }

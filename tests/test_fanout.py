@@ -16,7 +16,9 @@ Run with ``.venv/bin/python -m pytest -q -s tests/test_fanout.py`` (``-s`` print
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -34,6 +36,7 @@ from tests.production import (
     Worker,
     create_process_pool,
     deploy,
+    flow_run,
     moto_s3,
     postgres,
     prefect_server_on,
@@ -54,6 +57,8 @@ RATE = 2.0  # lines per second per batch: a batch runs for 1.5 s, so batches ove
 HOLD_RATE = 0.02  # while a test needs batches still running: 150 s per batch
 RUN_TIMEOUT = 180.0  # a parent and four children: fresh Python processes on a shared machine
 FINISHED = {"completed", "failed", "expired", "cancelled"}
+HEARTBEAT = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of every flow run (Prefect's minimum)
+COLLECT_DEPLOYMENT = "kluster-collect-batches/collect"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,8 +92,33 @@ class Stack:
         self.store.client().put_object(Bucket=BUCKET, Key=key, Body=body)
         return f"s3://{BUCKET}/{key}", [r["custom_id"] for r in rows]
 
-    def start(self, parameters: dict[str, Any]) -> str:
-        return str(run_deployment(BATCH_DEPLOYMENT, parameters=parameters, timeout=0).id)
+    def start(self, parameters: dict[str, Any], deployment: str = BATCH_DEPLOYMENT) -> str:
+        return str(run_deployment(deployment, parameters=parameters, timeout=0).id)
+
+    def kluster_variables(self) -> list[str]:
+        body = {"variables": {"name": {"like_": "kluster_%"}}, "limit": 200}
+        return [v["name"] for v in self.server.api("POST", "/variables/filter", body)]
+
+    def children_of(self, tag: str) -> list[dict[str, Any]]:
+        """The child runs recorded in a job's work directory, with the attempt of each."""
+        keys = [k for k in self.store.list_keys(BUCKET, f"{tag}/work/fanout/") if "/children/" in k]
+        records = [json.loads(self.store.read(BUCKET, k)) for k in keys]
+        for record in records:
+            record["attempt"] = int(record["key"].rsplit("attempt-", 1)[1])
+        return sorted(records, key=lambda r: (r["group"], r["attempt"]))
+
+    def flow_run_process(self, w: Worker, flow_run_id: str) -> int:
+        """The pid of the process running ``flow_run_id`` on worker ``w``'s machine (the
+        process worker hands each flow run its id in PREFECT__FLOW_RUN_ID)."""
+        needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+        for pid in w.pids():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if needle in environ:
+                return pid
+        raise AssertionError(f"no process of flow run {flow_run_id} on worker {w.name}")
 
     def child_runs(self) -> list[dict[str, Any]]:
         """Every flow run of the shard-group deployment on the server."""
@@ -138,6 +168,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KLUSTER_API_KEY": api_key,
             "KLUSTER_BASE_URL": emulator_url,
             "KLUSTER_STORAGE_ROOTS": f"s3://{BUCKET}/",
+            # Prefect's least: a child gone with its worker is seen silent after 75 s.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT),
         }
         workers = {
             name: stack.enter_context(
@@ -148,6 +180,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for w in workers.values():
             w.wait_ready()
         deploy(server, "prefect_kluster.flows.batch_inference.batch_inference", "batch", POOL)
+        deploy(server, "prefect_kluster.flows.pending.collect_batches", "collect", POOL)
         group_id = deploy(
             server, "prefect_kluster.flows.fanout.shard_group", "kluster-shard-group", POOL
         )
@@ -241,3 +274,99 @@ def test_cancelling_the_parent_cancels_its_children_and_their_batches(stack: Sta
     batches = wait_for(batches_ended, 60, "every batch of the job to end", 0.5)
     stack.timings["cancel a fan-out job"] = time.monotonic() - began
     assert batches and {b["status"] for b in batches} == {"cancelled"}
+
+
+def test_long_wait_fan_out_is_joined_by_the_collector(stack: Stack) -> None:
+    """``wait=False`` with ``distribute``: the parent starts its children and returns; once
+    every group has finished, one collection joins the job."""
+    stack.emulator("POST", "/_emulator/reset")
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": HOLD_RATE})
+    input_url, ids = stack.put_input("later/in.jsonl", prefix="later-")
+    began = time.monotonic()
+    parameters = job("later", input_url, distribute=GROUPS)
+    parameters["run"]["wait"] = False
+    parent = stack.start(parameters)
+    wait_for_state(stack.server, parent, {"COMPLETED"}, RUN_TIMEOUT)
+    assert not stack.store.list_keys(BUCKET, "later/out.jsonl"), "the parent did not wait"
+    children = stack.children_of("later")
+    assert [c["group"] for c in children] == list(range(GROUPS))
+    pending = [n for n in stack.kluster_variables() if n.startswith("kluster_pending_")]
+    assert len(pending) == 1
+
+    # A collection while the groups still work leaves the job pending, nothing joined ...
+    collect = stack.start({}, COLLECT_DEPLOYMENT)
+    wait_for_state(stack.server, collect, {"COMPLETED"}, RUN_TIMEOUT)
+    assert not stack.store.list_keys(BUCKET, "later/out.jsonl")
+    assert [n for n in stack.kluster_variables() if n.startswith("kluster_pending_")] == pending
+    assert stack.calls("POST /v1/batches") < SHARDS, "batches still wait for the cap"
+    # ... and once every group has finished, the next one joins the job.
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": RATE})
+    for child in children:
+        wait_for_state(stack.server, child["flow_run_id"], {"COMPLETED"}, RUN_TIMEOUT)
+    collect = stack.start({}, COLLECT_DEPLOYMENT)
+    wait_for_state(stack.server, collect, {"COMPLETED"}, RUN_TIMEOUT)
+    stack.timings["long-wait fan-out job, collected"] = time.monotonic() - began
+    rows = [json.loads(line) for line in stack.store.read(BUCKET, "later/out.jsonl").splitlines()]
+    assert [r["custom_id"] for r in rows] == ids
+    assert {r["status"] for r in rows} == {"ok"}
+    assert stack.calls("POST /v1/batches") == SHARDS
+    assert len(stack.children_of("later")) == GROUPS, "the collection started no group again"
+    assert not [n for n in stack.kluster_variables() if n.startswith("kluster_pending_")]
+
+
+@pytest.mark.timeout(900)  # two missed heartbeats, a lease to expire, fresh processes
+def test_worker_and_parent_killed_while_children_wait(stack: Stack) -> None:
+    """``kill -9`` a worker running children, and the parent's own process on the other one:
+    the parent run again finds its groups by their keys, starts again only the children that
+    died with their worker (on the worker left), and they attach to the same batches.
+    Runs last: worker B (or A) stays dead."""
+    stack.emulator("POST", "/_emulator/reset")
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": HOLD_RATE})
+    input_url, ids = stack.put_input("crash/in.jsonl", prefix="crash-")
+    parameters = job("crash", input_url, distribute=GROUPS)
+    began = time.monotonic()
+    parent = stack.start(parameters)
+
+    def all_children_running() -> list[dict[str, Any]] | None:
+        children = stack.children_of("crash")
+        if len(children) < GROUPS:
+            return None
+        states = {c["flow_run_id"]: flow_run(stack.server, c["flow_run_id"]) for c in children}
+        running = [b for b in stack.stats()["batches"] if b["status"] == "in_progress"]
+        if any(s["state_type"] != "RUNNING" for s in states.values()) or len(running) < CAP:
+            return None
+        return children
+
+    children = wait_for(all_children_running, RUN_TIMEOUT, "four running children", 0.5)
+    parent_worker = ran_by(stack.server, parent)
+    assert parent_worker in stack.workers
+    survivor = stack.workers[parent_worker]
+    victim = next(w for name, w in stack.workers.items() if name != parent_worker)
+    lost = {c["group"] for c in children if ran_by(stack.server, c["flow_run_id"]) == victim.name}
+    assert lost, "the other worker runs some of the children"
+    batches_before = {b["id"] for b in stack.stats()["batches"]}
+
+    victim.kill()
+    os.kill(stack.flow_run_process(survivor, parent), signal.SIGKILL)
+    wait_for_state(stack.server, parent, {"CRASHED"}, RUN_TIMEOUT)
+    stack.emulator("POST", "/_emulator/config", {"lines_per_second": RATE})
+    again = stack.start(parameters)
+    wait_for_state(stack.server, again, {"COMPLETED"}, 600)
+    stack.timings["fan-out job, a worker and the parent killed"] = time.monotonic() - began
+
+    after = stack.children_of("crash")
+    attempts = {g: [c for c in after if c["group"] == g] for g in range(GROUPS)}
+    for g, runs in attempts.items():
+        if g not in lost:
+            assert len(runs) == 1, f"group {g} was started again: {runs}"
+            continue
+        assert [c["attempt"] for c in runs] == [1, 2], runs
+        first, second = (flow_run(stack.server, c["flow_run_id"]) for c in runs)
+        assert first["state_type"] == "CRASHED" and "heartbeat" in first["state"]["message"]
+        assert second["state_type"] == "COMPLETED"
+        assert ran_by(stack.server, second["id"]) == survivor.name
+    assert stack.calls("POST /v1/batches") == SHARDS, "one batch per shard, the dead's reused"
+    assert batches_before <= {b["id"] for b in stack.stats()["batches"]}
+    rows = [json.loads(line) for line in stack.store.read(BUCKET, "crash/out.jsonl").splitlines()]
+    assert [r["custom_id"] for r in rows] == ids
+    assert {r["status"] for r in rows} == {"ok"}

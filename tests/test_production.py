@@ -66,7 +66,8 @@ BATCH_DEPLOYMENT = "kluster-batch-inference/batch"
 COLLECT_DEPLOYMENT = "kluster-collect-batches/collect"
 LINES, PER_SHARD = 30, 10
 SHARDS = LINES // PER_SHARD
-HOLD_RATE = 0.25  # lines per second while a test needs a run to be waiting (4 s per line)
+HOLD_RATE = 0.02  # lines per second while a test needs a run to be waiting (500 s a batch:
+# longer than a server restart on a loaded machine; release() lets them finish at once)
 RUN_TIMEOUT = 120.0  # one flow run: worker pick-up, a fresh Python process under load, work
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 NO_FAULTS: dict[str, Any] = {"lines_per_second": None, "fault_rate": 0.0, "fault_routes": None}

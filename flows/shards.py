@@ -1,0 +1,193 @@
+"""The shard lifecycle every run shares: upload -> submit -> wait -> download, for the shards
+of one round, at most ``max_concurrency`` batches at once.
+
+``batch_inference`` runs it for its own shards; with ``limits.distribute`` each child run of
+the ``kluster-shard-group`` deployment runs it for its group (flows/fanout.py). Both find a
+run's state in its work directory, so any worker can take over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
+
+from prefect_kluster.blocks import KlusterCredentials
+from prefect_kluster.flows.options import Limits, RunOptions
+from prefect_kluster.tasks import storage
+from prefect_kluster.tasks.download import download_batch_results
+from prefect_kluster.tasks.submit import (
+    identity_key,
+    matches,
+    reusable,
+    shard_identity,
+    submit_shard,
+)
+from prefect_kluster.tasks.types import BatchInfo, Shard
+from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
+from prefect_kluster.tasks.wait import wait_for_batch
+
+
+class ShardResult(BaseModel):
+    round: int = Field(1, description="1 for the first try, 2+ for failed-line rounds.")
+    shard: Shard
+    batch: BatchInfo
+    output_file: str | None = None
+    error_file: str | None = None
+
+
+def default_work_dir(output_path: str, work_dir: str | None = None) -> str:
+    """Where a run keeps shards, its state and downloads: stable across reruns, so a rerun
+    (or the collector, on any worker that reaches it) finds the run's state there."""
+    return work_dir or f"{output_path}.work"
+
+
+@dataclass
+class ShardRun:
+    """What every shard of one run shares."""
+
+    credentials: KlusterCredentials
+    work: str
+    run: RunOptions
+    limits: Limits
+    deadline: float | None
+    nonce: str | None
+    started: float
+    children: list[str] = field(default_factory=list)  # fan-out: child runs still working
+
+    @property
+    def state_dir(self) -> str:
+        return storage.join(self.work, "state")
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def known_batch(self, shard: Shard, round_no: int, known: list[BatchInfo]) -> BatchInfo | None:
+        identity = shard_identity(shard, round_no, self.nonce)
+        return next((b for b in known if matches(b, identity) and reusable(b)), None)
+
+
+def run_shards(
+    run: ShardRun, shards: list[Shard], round_no: int, known: list[BatchInfo]
+) -> tuple[list[ShardResult], list[BatchInfo], int]:
+    """Take every shard of a round as far as it goes, at most ``max_concurrency`` batches
+    running at once: upload -> submit -> wait -> download.
+
+    Waiting (``run.wait``), it returns when every shard is done. Not waiting, it takes
+    each shard only as far as it goes now: an ended batch is downloaded, a running one is
+    left running, and a shard with no batch is submitted while a slot is free. Returns the
+    results of the finished shards, the batches left running, and how many shards still
+    wait for a slot."""
+    wait = run.run.wait
+    results_dir = storage.join(run.work, f"round-{round_no}", "results")
+    results: dict[int, ShardResult] = {}
+    # download -> shard, the steps before it (a batch that exists, or futures), holds a slot
+    in_flight: dict[Any, tuple[Shard, tuple[Any, ...], bool]] = {}
+    left_running: list[BatchInfo] = []
+    todo: list[tuple[Shard, BatchInfo | None]] = []
+    cleanups: list[Any] = []
+    for shard in shards:
+        existing = run.known_batch(shard, round_no, known)
+        if existing is not None and existing.is_terminal:  # ended: download, no slot needed
+            downloaded = download_batch_results.submit(run.credentials, existing, results_dir)
+            in_flight[downloaded] = (shard, (existing,), False)
+        elif existing is not None and not wait:
+            left_running.append(existing)
+        else:
+            todo.append((shard, existing))
+    slots = max(1, run.limits.max_concurrency) - len(left_running)
+    holding = 0
+    submitting: list[Any] = []  # not waiting: batches being made, each keeps its slot
+    while todo or in_flight:
+        while todo and holding < slots:
+            shard, existing = todo.pop(0)
+            identity = shard_identity(shard, round_no, run.nonce)
+            uploaded = upload_shard.submit(
+                run.credentials, shard, identity, run.state_dir, existing, run.started
+            )
+            submitted = submit_shard.submit(
+                run.credentials, uploaded, run.state_dir, run.run.completion_window,
+                run.run.metadata,
+            )  # fmt: skip
+            cleanups.append(
+                clean_up_uploads.submit(
+                    run.credentials, shard, submitted, run.state_dir, identity_key(identity)
+                )
+            )
+            if not wait:  # the batch keeps its slot until a collection finds it ended
+                submitting.append(submitted)
+                slots -= 1
+                continue
+            finished = wait_for_batch.submit(
+                run.credentials,
+                submitted,
+                run.run.poll_interval,
+                run.remaining(),
+                run.run.max_poll_interval,
+            )
+            downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
+            in_flight[downloaded] = (shard, (uploaded, submitted, finished), True)
+            holding += 1
+        if not in_flight:
+            break
+        done = next(as_completed(list(in_flight)))
+        shard, steps, held = in_flight.pop(done)
+        holding -= held
+        batch = _first_failure_or_last(steps)  # raises why the shard stopped, if it did
+        output_file, error_file = done.result()
+        results[shard.index] = ShardResult(
+            round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
+        )
+    left_running += [future.result() for future in submitting]
+    for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
+        try:
+            failed = isinstance(cleaned.result(raise_on_failure=False), BaseException)
+        except Exception:  # never ran
+            failed = True
+        if failed:
+            get_run_logger().warning("Could not delete an unused upload; it stays on the service")
+    return [results[s.index] for s in shards if s.index in results], left_running, len(todo)
+
+
+def _first_failure_or_last(steps: tuple[Any, ...]) -> BatchInfo:
+    """The batch a shard's steps ended with, or the error of the first step that failed (a
+    step after a failed one never runs, and its own state says only that)."""
+    for step in steps:
+        if isinstance(step, BatchInfo):
+            continue
+        state = step.state
+        if state.is_failed() or state.is_crashed() or state.is_cancelled():
+            error = step.result(raise_on_failure=False)
+            raise error if isinstance(error, BaseException) else RuntimeError(str(state))
+    last = steps[-1]
+    return last if isinstance(last, BatchInfo) else last.result()
+
+
+def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:
+    """Cancel each batch that is still running; returns the ids asked to cancel."""
+    cancelled = []
+    with credentials.get_client() as client:
+        for batch_id in batch_ids:
+            try:
+                batch = BatchInfo.from_sdk(client.batches.retrieve(batch_id))
+                if not batch.is_terminal and batch.status != "cancelling":
+                    client.batches.cancel(batch_id, extra_body={})
+                    cancelled.append(batch_id)
+            except Exception as exc:  # keep going: cancel as many as possible
+                logging.getLogger(__name__).warning(
+                    "Could not cancel batch %s: %s", batch_id, type(exc).__name__
+                )
+    return cancelled
+
+
+def run_work_dir(parameters: dict[str, Any]) -> str:
+    """The work directory of a run, from its parameters (as Prefect stores them)."""
+    output = parameters.get("output") or {}
+    if isinstance(output, BaseModel):
+        output = output.model_dump()
+    return default_work_dir(parameters.get("output_path", "results.jsonl"), output.get("work_dir"))
