@@ -1,7 +1,8 @@
 """Benchmark: validate + shard, join, and the whole flow, each beside the guide's way.
 
     .venv/bin/python benchmarks/bench.py [--n 1000000] [--e2e-n 100000] [--skip-e2e]
-                                          [--skip-real] [--skip-fanout] [--workdir DIR]
+                                          [--skip-real] [--skip-fanout] [--skip-poll-hour]
+                                          [--workdir DIR]
                                           [--repeat 1] [--quick]
 
 It writes N synthetic guide-shaped requests (fixed seed, about 340 bytes a line) and N
@@ -26,6 +27,10 @@ peak RSS is the step's own:
   f. fan-out (issue 10, benchmarks/fanout_bench.py): the same job of N real-world requests
      on one process worker and on two (``limits.distribute``), on PostgreSQL, a Prefect
      server and the emulator as a subprocess: wall time and peak RSS per worker; no target.
+  g. the 50-shard hour (issue 13): a run of 50 batches that wait an hour on a queued
+     service, every clock divided by 60 (the emulator holds the batches, the flow polls at
+     its defaults / 60): status calls and progress updates in the hour, against per-batch
+     polling at the 60 s pause (3,000 calls); target <= 120 of each.
 
 ``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
 
@@ -72,6 +77,7 @@ TARGETS = {
     "real_join_of_read": 0.25,
     "real_rss_mb": 300.0,
     "real_rss_growth_mb": 50.0,
+    "hour_calls": 120,
 }
 
 
@@ -453,6 +459,35 @@ def bench_real_join(
     )
 
 
+def bench_poll_hour(report: Report, quick: bool) -> None:
+    shards, scale = (10, 360.0) if quick else (50, 60.0)
+    print(
+        f"\n(g) {shards} batches waiting one hour on a queued service, clocks / {scale:g} "
+        f"({3600 / scale:g} s), emulator in-process",
+        flush=True,
+    )
+    r = run_step("poll-hour", shards=shards, scale=scale)
+    if r["status"] != "completed" or r["batches"] != shards:
+        raise SystemExit(f"the flow did not complete: {r}")
+    start = r["start_up"]
+    print(
+        f"  in the hour: {r['lists_per_hour']:.0f} list calls + {r['retrieves_per_hour']:.0f} "
+        f"retrieves, {r['progress_updates_per_hour']:.0f} progress updates (per-batch polling "
+        f"at the 60 s pause: {r['per_batch_polling_per_hour']:,.0f} calls); before it, while "
+        f"the batches were made: {start['lists']} list calls, {start['progress_updates']} "
+        f"progress updates (at the scaled first pause of {10 / scale:.2f} s)  [load "
+        f"{r['load']:.2f}]",
+        flush=True,
+    )
+    calls = r["lists_per_hour"] + r["retrieves_per_hour"]
+    limit = TARGETS["hour_calls"]
+    report.verdict(
+        f"hour status calls {calls:.0f} <= {limit}: {check(calls <= limit)}; hour progress "
+        f"updates {r['progress_updates_per_hour']:.0f} <= {limit}: "
+        f"{check(r['progress_updates_per_hour'] <= limit)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="requests for (a) and (b)")
@@ -466,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="a tiny run of every step (N=2,000, e2e N=500) to check the benchmark itself",
+    )
+    parser.add_argument(
+        "--skip-poll-hour", action="store_true", help="skip (g), the 50-shard hour's calls"
     )
     parser.add_argument("--workdir", help="where data goes (default: a temp dir, removed)")
     parser.add_argument(
@@ -541,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
 
             fanout_source = None if args.skip_real else real_source  # same generator and N
             bench_fanout(report, work, args.n, quick=args.quick, source=fanout_source)
+        if not args.skip_poll_hour:
+            bench_poll_hour(report, quick=args.quick)
         report.table()
     finally:
         if not args.workdir:

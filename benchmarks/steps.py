@@ -8,9 +8,11 @@ per step keeps one step's memory out of another's figures.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -489,6 +491,113 @@ def baseline_e2e(source: str) -> dict[str, Any]:
     return _result(seconds, start, status=batch_status.status, result_bytes=len(results), **figures)
 
 
+# --- (g) the 50-shard hour: status calls and progress updates ----------------------------
+
+
+def poll_hour(shards: int, scale: float, hour: float = 3600.0) -> dict[str, Any]:
+    """A run of ``shards`` batches that wait an hour on a queued service, with every clock
+    divided by ``scale``: the emulator holds each batch in ``validating`` for hour/scale s and
+    the flow polls at its defaults (10 s, backing off to 60 s) over ``scale``. The counts of
+    status calls (the emulator's, per endpoint) and progress updates do not depend on the
+    scale, only on how many poll cycles fit in the hour."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import tempfile
+
+    from data import MODELS
+    from prefect.testing.utilities import prefect_test_harness
+
+    from prefect_kluster.emulator import EmulatorConfig, run_emulator
+    from prefect_kluster.flows.options import RunOptions
+    from prefect_kluster.tasks.wait import RunWatch
+
+    # the module (the package's `batch_inference` attribute is the flow of that name)
+    flow_module = importlib.import_module("prefect_kluster.flows.batch_inference")
+
+    updates = 0
+    original = flow_module.update_batch_progress
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal updates
+        updates += 1
+        return original(*args, **kwargs)
+
+    flow_module.update_batch_progress = counted  # the flow's own progress reports
+    defaults = RunOptions()
+    poll = defaults.poll_interval / scale
+    longest = 6 * defaults.poll_interval / scale  # the default backoff cap: 60 s
+    work = Path(tempfile.mkdtemp(prefix="kluster-poll-hour-"))
+    source = work / "in.jsonl"
+    with open(source, "w", encoding="utf-8") as out:
+        for i in range(shards * 2):
+            body = {"model": MODELS[0], "messages": [{"role": "user", "content": f"q {i}"}]}
+            line = {"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions"}
+            out.write(json.dumps({**line, "body": body}) + "\n")
+    config = EmulatorConfig(lines_per_second=1e-6)  # held: no progress until released
+    with prefect_test_harness(server_startup_timeout=120), run_emulator(config) as emu:
+        os.environ["KLUSTER_API_KEY"] = "emulator-key"
+        os.environ["KLUSTER_BASE_URL"] = emu.base_url
+        # The hour: every batch is made and waits, showing no progress, for hour/scale real
+        # seconds; then they run to the end. The calls and updates within it are the hour's
+        # (the uploads and submits before it would be minutes at full scale, not an hour).
+        window: dict[str, tuple[float, int, int, int]] = {}
+
+        def point() -> tuple[float, int, int, int]:
+            calls = emu.stats()["requests"]
+            return (
+                time.monotonic(),
+                calls.get("GET /v1/batches", 0),
+                calls.get("GET /v1/batches/{id}", 0),
+                updates,
+            )
+
+        def watched() -> int:  # batches the run's status loop looks at
+            return sum(len(w.waiting) for w in list(RunWatch._watches.values()))
+
+        def sample() -> None:
+            # The hour starts once every batch runs and the flow watches them all (its wait
+            # tasks start one by one: seconds at any scale, so not part of the hour).
+            while True:
+                statuses = [b["status"] for b in emu.stats()["batches"]]
+                if len(statuses) == shards and set(statuses) == {"in_progress"}:
+                    if watched() == shards:
+                        break
+                time.sleep(0.02)
+            window["start"] = point()
+            time.sleep(hour / scale)
+            window["end"] = point()
+            emu.configure(lines_per_second=None)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = Clock()
+        result = flow_module.batch_inference(
+            input_path=str(source),
+            output_path=str(work / "out.jsonl"),
+            run={"poll_interval": poll, "max_poll_interval": longest},
+            limits={"max_requests_per_file": 2, "max_concurrency": shards},
+        )
+        seconds = start.stop()
+        sampler.join()
+    shutil.rmtree(work, ignore_errors=True)
+    (t0, l0, r0, u0), (t1, l1, r1, u1) = window["start"], window["end"]
+    before = {"lists": l0, "retrieves": r0, "progress_updates": u0}
+    per_hour = (hour / scale) / (t1 - t0)  # simulated hours per real second of the window
+    return _result(
+        seconds,
+        start,
+        status=result.status,
+        batches=len(result.batch_ids),
+        window_seconds=t1 - t0,
+        simulated_window_seconds=(t1 - t0) * scale,
+        lists_per_hour=(l1 - l0) * per_hour,
+        retrieves_per_hour=(r1 - r0) * per_hour,
+        progress_updates_per_hour=(u1 - u0) * per_hour,
+        per_batch_polling_per_hour=shards * hour / (6 * defaults.poll_interval),
+        start_up=before,  # up to the hour: uploads, submits, the first looks (not scaled)
+    )
+
+
 STEPS = {
     "gen-requests": gen_requests,
     "gen-results": gen_results,
@@ -502,6 +611,7 @@ STEPS = {
     "baseline-join": baseline_join,
     "ours-e2e": ours_e2e,
     "baseline-e2e": baseline_e2e,
+    "poll-hour": poll_hour,
 }
 
 

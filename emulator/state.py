@@ -145,6 +145,9 @@ class Store:
             if "fault_seed" in changes:
                 self._fault_rng = random.Random(self.config.fault_seed)
                 self._fault_turn = 0
+            if "lines_per_second" in changes:  # a batch paced by the old rate takes the new
+                for b in self.batches.values():
+                    b.wake.set()
         return self.config
 
     def stats(self) -> dict[str, Any]:

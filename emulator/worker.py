@@ -79,17 +79,21 @@ class _Run:
             return "expire"
         return None
 
-    def _sleep(self, seconds: float) -> str | None:
-        """Sleep up to ``seconds``, waking early for stop, cancel or the window's end."""
+    def _sleep(self, seconds: float, rate: float | None = None) -> str | None:
+        """Sleep up to ``seconds``, waking early for stop, cancel or the window's end, or
+        (given the ``rate`` it paces) when ``lines_per_second`` changes: ``"rate"``."""
         end = time.monotonic() + seconds
         while True:
             reason = self._interrupted()
             if reason:
                 return reason
+            if rate is not None and self.store.config.lines_per_second != rate:
+                return "rate"
             now = time.monotonic()
             if now >= end:
                 return None
             self.b.wake.wait(min(end, self.b.deadline) - now)
+            self.b.wake.clear()
 
     # --- stages ---
     def run(self) -> None:
@@ -211,7 +215,9 @@ class _Run:
                 now = monotonic()
                 next_due = max(next_due, now - 1.0) + 1.0 / lps
                 if next_due > now:
-                    reason = self._sleep(next_due - now)
+                    reason = self._sleep(next_due - now, lps)
+                    if reason == "rate":  # a new pace starts now, with this line
+                        reason, next_due = None, monotonic()
                     if reason:
                         return reason, raw
             n += 1

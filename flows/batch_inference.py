@@ -41,6 +41,7 @@ from prefect_kluster.flows.reporting import (
     update_batch_progress,
 )
 from prefect_kluster.flows.shards import (
+    TASK_THREADS,
     ShardResult,
     ShardRun,
     cancel_running_batches,
@@ -164,7 +165,7 @@ def check_paths(
 
 @flow(
     name="kluster-batch-inference",
-    task_runner=ThreadPoolTaskRunner(max_workers=64),
+    task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS),
     on_cancellation=[fanout.cancel_child_runs_hook, cancel_remote_batches_hook],
 )
 def batch_inference(

@@ -63,6 +63,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.options import Limits, RunOptions, StorageSettings
 from prefect_kluster.flows.shards import (
+    TASK_THREADS,
     ShardResult,
     ShardRun,
     cancel_running_batches,
@@ -151,7 +152,7 @@ def cancel_group_batches_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(
     name=SHARD_GROUP_FLOW,
-    task_runner=ThreadPoolTaskRunner(max_workers=64),
+    task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS),
     on_cancellation=[cancel_group_batches_hook],
 )
 def shard_group(

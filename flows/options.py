@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from prefect_kluster.tasks.budget import SpendingLimit
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES
 
+MAX_CONCURRENCY = 100  # batches at once per run; the flows' task threads are sized for it
+
 
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -144,6 +146,7 @@ class Limits(_Group):
     max_concurrency: int = Field(
         4,
         ge=1,
+        le=MAX_CONCURRENCY,
         description="How many batches run at once, in both modes (a cap keeps a rate-limited "
         "tier from expiring batches that wait in its queue).",
     )
@@ -152,7 +155,7 @@ class Limits(_Group):
         description="Spread the job over the work pool's workers: the shards are split into "
         'this many groups ("auto": one group per 4 shards, at most 32), each run by a '
         "child flow run of the kluster-shard-group deployment, with max_concurrency held "
-        "for the whole job. None: the run takes every shard itself. Waiting runs only.",
+        "for the whole job. None: the run takes every shard itself.",
     )
 
 

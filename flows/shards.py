@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from prefect_kluster.blocks import KlusterCredentials
-from prefect_kluster.flows.options import Limits, RunOptions
+from prefect_kluster.flows.options import MAX_CONCURRENCY, Limits, RunOptions
 from prefect_kluster.tasks import storage
 from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.submit import (
@@ -31,6 +31,11 @@ from prefect_kluster.tasks.submit import (
 from prefect_kluster.tasks.types import BatchInfo, Shard
 from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
 from prefect_kluster.tasks.wait import wait_for_batch
+
+# A shard in flight holds up to five task threads (upload, submit, clean-up, wait, download:
+# a task waits for its inputs in its own thread), so the flows' task runners are sized for
+# MAX_CONCURRENCY shards; threads are started only as they are needed.
+TASK_THREADS = 5 * MAX_CONCURRENCY + 16
 
 
 class ShardResult(BaseModel):

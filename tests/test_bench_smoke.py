@@ -57,6 +57,8 @@ def test_bench_prints_every_figure(tmp_path):
         "(d) validate + shard + cost tally, real-world text",
         "(e) join N=2,000 real-world results",
         "the cost estimate's throughput cost:",
+        "(g) 10 batches waiting one hour on a queued service",
+        "retrieves, ",
     ):
         assert figure in out
     table = out[out.index("step          impl") :]
@@ -74,7 +76,7 @@ def test_bench_prints_every_figure(tmp_path):
         ("e real join", "ours"),
     ]:
         assert any(line.startswith(step) and impl in line for line in table.splitlines())
-    for target in ("shard", "join", "e2e flow", "real-world shard", "real-world join"):
+    for target in ("shard", "join", "e2e flow", "real-world shard", "real-world join", "hour"):
         assert f"target {target}" in out
     # Each real-world target names its figure, the plain read it is measured against, and
     # the target itself.
