@@ -210,6 +210,7 @@ class RunWatch:
                                 k: v for k, v in RunWatch._watches.items() if v is not self
                             }
                         return
+                began = time.monotonic()
                 try:
                     found = self._poll(client, ids)
                 except Exception as exc:  # a failed cycle is tried again after the pause
@@ -235,8 +236,13 @@ class RunWatch:
                             for waiter in self.waiting.pop(batch.id, []):
                                 waiter.batch = batch
                                 waiter.done.set()
-                self.wake.wait(pause)
-                self.wake.clear()
+                # A batch that starts being watched is looked at within the first pause of
+                # the last look, not after a long one; many starting at once share that look.
+                polled_at, deadline = began, began + pause
+                while (left := deadline - time.monotonic()) > 0:
+                    if self.wake.wait(left):
+                        self.wake.clear()
+                        deadline = min(deadline, polled_at + self.first_pause)
 
 
 def _logger() -> Any:
