@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from prefect_kluster.tasks.budget import SpendingLimit
 from prefect_kluster.tasks.types import DEFAULT_MAX_FILE_BYTES
 
-MAX_CONCURRENCY = 100  # batches at once per run; the flows' task threads are sized for it
+MAX_CONCURRENCY = 256  # batches at once per run; the flows' task threads are sized for it
 
 
 class _Group(BaseModel):

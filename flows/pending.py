@@ -20,6 +20,10 @@ from prefect_kluster.tasks.pending import list_pending, read_pending
 from prefect_kluster.tasks.types import BatchInfo
 
 
+class CollectError(RuntimeError):
+    """Some pending runs could not be collected this time (the others were)."""
+
+
 def _children_ready(child_runs: list[str]) -> tuple[bool, str]:
     """A distributed run is ready when none of its child runs is still working (one read
     of their states); the run itself then joins, or starts a group again. A child gone
@@ -67,6 +71,7 @@ def collect_batches() -> dict[str, str]:
     """
     logger = get_run_logger()
     outcomes: dict[str, str] = {}
+    errors: list[str] = []
     for name, pointer in list_pending().items():
         record = read_pending(pointer["work_dir"])
         if record is None:
@@ -74,19 +79,32 @@ def collect_batches() -> dict[str, str]:
             Variable.unset(name)
             outcomes[name] = "missing"
             continue
-        done, progress = _ready(record)
-        if not done:
-            logger.info("%s: still running (%s)", name, progress)
-            outcomes[name] = "running"
-            continue
         try:
+            done, progress = _ready(record)
+            if not done:
+                logger.info("%s: still running (%s)", name, progress)
+                outcomes[name] = "running"
+                continue
             result = batch_inference(**record["parameters"])
         except BatchRunError as exc:
             Variable.unset(name)
             logger.warning("%s: finished without completing: %s", name, exc)
             outcomes[name] = exc.result.status if exc.result else "failed"
             continue
+        except Exception as exc:  # one run that cannot be collected must not block the rest
+            logger.error(
+                "%s: not collected (%s: %s); it stays pending for the next collection",
+                name, type(exc).__name__, exc,
+            )  # fmt: skip
+            outcomes[name] = "error"
+            errors.append(name)
+            continue
         if result.status != "pending":
             logger.info("%s: %s, results in %s", name, result.status, result.output_path)
         outcomes[name] = result.status
+    if errors:  # the others were collected; this run shows Failed, naming what was not
+        raise CollectError(
+            f"{len(errors)} of {len(outcomes)} pending run(s) could not be collected: "
+            f"{', '.join(errors)} (see the log; they stay pending)"
+        )
     return outcomes

@@ -182,3 +182,37 @@ def test_max_concurrency_holds_while_not_waiting(tmp_path, kluster_env):
     assert kluster_env.stats()["requests"]["POST /v1/batches"] == 6
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
     assert all(r["status"] == "ok" for r in read_jsonl(out))
+
+
+def test_a_run_that_cannot_be_collected_does_not_block_the_others(tmp_path, kluster_env):
+    """One pending run whose state is broken (a batch the service does not know): the
+    collector still finishes the other, keeps the broken one pending, and fails naming it."""
+    from prefect_kluster.flows.pending import CollectError
+    from prefect_kluster.tasks.pending import pending_name, register_pending
+
+    rows = {tag: requests(6, prefix=f"{tag}-") for tag in ("good", "bad")}
+    runs = {
+        tag: batch_inference(
+            input_path=str(write_jsonl(tmp_path / f"{tag}.jsonl", rows[tag])),
+            output_path=str(tmp_path / f"{tag}-out.jsonl"),
+            run={"wait": False},
+        )
+        for tag in rows
+    }
+    assert {r.status for r in runs.values()} == {"pending"}
+    bad = read_pending(runs["bad"].work_dir)
+    register_pending(runs["bad"].work_dir, bad["parameters"], ["batch_unknown_to_the_service"])
+    bad_name = pending_name(runs["bad"].work_dir)
+
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "good-out.jsonl").exists():
+        assert time.monotonic() < deadline, "the good run was never collected"
+        with pytest.raises(CollectError) as raised:
+            collect_batches()
+        assert bad_name in str(raised.value) and "1 of 2" in str(raised.value)
+        time.sleep(0.5)
+    assert [r["custom_id"] for r in read_jsonl(tmp_path / "good-out.jsonl")] == [
+        r["custom_id"] for r in rows["good"]
+    ]
+    assert set(list_pending()) == {bad_name}, "the broken run stays pending, the good one is done"
+    assert not (tmp_path / "bad-out.jsonl").exists()
