@@ -18,6 +18,8 @@ from prefect_kluster.tasks.retry import RETRY_OPTIONS, is_transient_error
 from prefect_kluster.tasks.submit import ShardUpload, find_batch, identity_key
 from prefect_kluster.tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard, parse_timestamp
 
+RATE_LIMIT_PAUSES = (0.5, 1.0, 2.0)  # seconds before sending a refused (429) upload again
+
 
 class FileLimitError(ValueError):
     """The file breaks a service limit; it was not uploaded."""
@@ -143,13 +145,7 @@ def _upload_once(
         journal.record("upload_intent", key, shard=name)
         started = time.time()
         try:
-            with storage.open_file(shard.path) as handle:
-                # No SDK retry: a retried upload after a lost answer leaves a duplicate.
-                found = (
-                    client.with_options(max_retries=0)
-                    .files.create(file=(name, handle), purpose="batch")
-                    .id
-                )
+            found = _create_file(client, name, shard.path)
         except Exception as exc:
             found = _find_upload(client, name, started) if is_transient_error(exc) else None
             if found is None:
@@ -158,6 +154,23 @@ def _upload_once(
     journal.record("uploaded", key, file_id=found)
     logger.info("Uploaded shard %d as file %s", shard.index, found)
     return ShardUpload(key=key, identity=identity, file_id=found)
+
+
+def _create_file(client: OpenAI, name: str, path: str) -> str:
+    """Upload the shard. No SDK retry: a retried upload after a lost answer leaves a
+    duplicate. A 429 is different: the service refused before storing anything, so it is sent
+    again here after a short pause (a rate-limit storm would otherwise use up the task's
+    retries on one shard)."""
+    once = client.with_options(max_retries=0)
+    for pause in (*RATE_LIMIT_PAUSES, None):
+        try:
+            with storage.open_file(path) as handle:
+                return once.files.create(file=(name, handle), purpose="batch").id
+        except openai.RateLimitError:
+            if pause is None:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # the last pass returns or raises
 
 
 @task(name="clean-up-uploads", **RETRY_OPTIONS)
