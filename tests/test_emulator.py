@@ -175,7 +175,8 @@ def test_pricing_unavailable(start: Callable[..., Emulator], connect: Any) -> No
 def test_ignore_after_repeats_the_first_page(
     start: Callable[..., Emulator], connect: Any, tmp_path: Path, variant: str
 ) -> None:
-    emu = start(ignore_after=variant)
+    # The batches stay validating: no output file appears between the two file listings.
+    emu = start(ignore_after=variant, stage_delay=120)
     client = connect(emu)
     path = write_jsonl(tmp_path / "in.jsonl", [request_line("a")])
     ids = [submit(client, path).id for _ in range(3)][::-1]
