@@ -40,8 +40,12 @@ demo: install
 	$(PY) -m flows.batch_inference deployments/sample-requests.jsonl --emulator \
 	  --output out/demo-results.jsonl --overwrite
 
+# Two pytest processes, each taking whole modules (module-scoped servers start once), the
+# slowest modules first (tests/conftest.py). `make test PYTEST_ARGS=` runs them in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+
 test: install-dev postgres
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -29,8 +29,64 @@ def _real_backend_starter(
     if not any("real_backend" in getattr(i, "fixturenames", ()) for i in request.session.items):
         yield None
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Every xdist worker collects every test but runs only its share: start the processes
+        # on first use, so only the worker that runs those modules pays for them.
+        with _OnFirstUse(tmp_path_factory) as starter:
+            yield starter
+        return
     with BackgroundBackend(tmp_path_factory.mktemp("real-backend"), TEST_API_KEY) as starter:
         yield starter
+
+
+class _OnFirstUse:
+    """A ``BackgroundBackend`` that starts when its ``result()`` is first asked for."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._factory = tmp_path_factory
+        self._started: object | None = None
+
+    def __enter__(self) -> _OnFirstUse:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._started is not None:
+            self._started.__exit__(*exc_info)
+
+    def result(self) -> object:
+        from tests.server import BackgroundBackend
+
+        if self._started is None:
+            base = self._factory.mktemp("real-backend")
+            self._started = BackgroundBackend(base, TEST_API_KEY).__enter__()
+        return self._started.result()
+
+
+# The modules that take longest, longest first (from the CI logs' durations). With
+# ``make test``'s ``--dist loadfile`` each module runs whole on one xdist worker, and workers
+# take modules in this order: the long ones start at once instead of ending the run alone.
+_SLOWEST_MODULES = (
+    "test_fanout.py",
+    "test_production.py",
+    "test_bench_smoke.py",
+    "test_long_wait.py",
+    "test_deployments.py",
+    "test_production_infra.py",
+    "test_flow.py",
+    "test_resilience.py",
+    "test_storage.py",
+    "test_cost_flow.py",
+    "test_tasks.py",
+    "test_cli.py",
+    "test_ui_browser.py",
+    "test_wait_calls.py",
+    "test_packaging.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)
