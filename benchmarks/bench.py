@@ -507,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", help="where data goes (default: a temp dir, removed)")
     parser.add_argument(
+        "--prefect-api-url",
+        help="run the flow steps (c) and (g) on this Prefect server instead of a temporary "
+        "one each (the tests pass their session's server: each temporary one takes ~25 s)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -517,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.e2e_n = 2000, 500
     if args.n < 10 or args.e2e_n < 1:
         parser.error("--n must be at least 10 and --e2e-n at least 1")
+    # The steps inherit this environment: a server only when one is asked for.
+    os.environ.pop("PREFECT_API_URL", None)
+    if args.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = args.prefect_api_url
     small_n = min(100_000, args.n // 10)
     gen_n = max(args.n, 0 if args.skip_e2e else args.e2e_n)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kluster-bench-"))

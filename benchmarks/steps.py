@@ -8,6 +8,7 @@ per step keeps one step's memory out of another's figures.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -424,11 +425,20 @@ def _emulator_figures(emu: Any, validation: list[float]) -> dict[str, Any]:
     }
 
 
+def prefect_backend() -> Any:
+    """The Prefect server the flow steps run against: ``PREFECT_API_URL`` when bench.py was
+    given one (``--prefect-api-url``), else a temporary one (about 25 s to start here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    if os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext()
+    return prefect_test_harness(server_startup_timeout=120)
+
+
 def ours_e2e(source: str, output: str) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
     from prefect_kluster.flows.batch_inference import batch_inference
@@ -438,7 +448,7 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
         return 1
 
     validation = _timed_emulator_validation()
-    with prefect_test_harness(server_startup_timeout=120), run_emulator(EmulatorConfig()) as emu:
+    with prefect_backend(), run_emulator(EmulatorConfig()) as emu:
         os.environ["KLUSTER_API_KEY"] = "emulator-key"
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         warm_up()  # the temporary Prefect server and the flow machinery, before timing
@@ -505,7 +515,6 @@ def poll_hour(shards: int, scale: float, hour: float = 3600.0) -> dict[str, Any]
     import tempfile
 
     from data import MODELS
-    from prefect.testing.utilities import prefect_test_harness
 
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
     from prefect_kluster.flows.options import RunOptions
@@ -534,7 +543,7 @@ def poll_hour(shards: int, scale: float, hour: float = 3600.0) -> dict[str, Any]
             line = {"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions"}
             out.write(json.dumps({**line, "body": body}) + "\n")
     config = EmulatorConfig(lines_per_second=1e-6)  # held: no progress until released
-    with prefect_test_harness(server_startup_timeout=120), run_emulator(config) as emu:
+    with prefect_backend(), run_emulator(config) as emu:
         os.environ["KLUSTER_API_KEY"] = "emulator-key"
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         # The hour: every batch is made and waits, showing no progress, for hour/scale real

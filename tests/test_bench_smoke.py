@@ -24,15 +24,20 @@ from tests.helpers import request, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Eleven fresh processes and a temporary Prefect server: minutes on a busy shared machine.
+# Eleven fresh processes (the flow steps on the session's server): minutes on a busy machine.
 @pytest.mark.timeout(900)
 def test_bench_prints_every_figure(tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     run = subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "bench.py"),
             "--quick",
+            # the session's server, not a temporary one for each flow step
+            "--prefect-api-url",
+            PREFECT_API_URL.value(),
             # (f) starts PostgreSQL, a server and two workers: the stack tests/test_fanout.py
             # already runs; `benchmarks/fanout_bench.py --quick` checks that section alone.
             "--skip-fanout",
