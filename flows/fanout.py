@@ -366,10 +366,8 @@ class GroupJob:
         if not self.waiting:
             return
         ids = {g: self.children[g].id for g in self.waiting}
-        silent = silent_children(ids)
-        for g, kind, message in _states(ids):
-            if kind == "RUNNING" and self.children[g].id in silent:
-                kind, message = "CRASHED", silent[self.children[g].id]
+        silent_children(ids)  # marked Crashed, so the states read next show them so
+        for g, kind, message in child_states(ids):
             if kind not in FINAL:
                 continue
             if kind == "COMPLETED" and storage.exists(self.result_path(g)):
@@ -389,7 +387,7 @@ class GroupJob:
         return [by_index[s.index] for s in self.shards if s.index in by_index]
 
 
-def _states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
+def child_states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
     """(group, state type, state message) of each child, read in one API call."""
     by_id = {str(i): g for g, i in ids.items()}
     with get_client(sync_client=True) as client:

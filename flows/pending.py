@@ -8,14 +8,12 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.logging import get_run_logger
 from prefect.variables import Variable
 
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.batch_inference import BatchRunError, batch_inference
-from prefect_kluster.flows.fanout import silent_children
+from prefect_kluster.flows.fanout import FINAL, child_states, silent_children
 from prefect_kluster.tasks.pending import list_pending, read_pending
 from prefect_kluster.tasks.types import BatchInfo
 
@@ -28,13 +26,9 @@ def _children_ready(child_runs: list[str]) -> tuple[bool, str]:
     """A distributed run is ready when none of its child runs is still working (one read
     of their states); the run itself then joins, or starts a group again. A child gone
     silent with its worker is marked Crashed here, so its group is started again."""
-    silent_children({i: UUID(run_id) for i, run_id in enumerate(child_runs)})
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in child_runs])),
-            limit=len(child_runs),
-        )
-    working = [r for r in runs if not (r.state and r.state.is_final())]
+    ids = {i: UUID(run_id) for i, run_id in enumerate(child_runs)}
+    silent_children(ids)
+    working = [g for g, kind, _ in child_states(ids) if kind not in FINAL]
     if not working:
         return True, ""
     return False, f"{len(working)} of {len(child_runs)} shard group run(s) still working"
