@@ -365,9 +365,7 @@ class GroupJob:
         child that crashed, failed or went silent is followed by the next attempt."""
         if not self.waiting:
             return
-        ids = {g: self.children[g].id for g in self.waiting}
-        silent_children(ids)  # marked Crashed, so the states read next show them so
-        for g, kind, message in child_states(ids):
+        for g, kind, message in child_states({g: self.children[g].id for g in self.waiting}):
             if kind not in FINAL:
                 continue
             if kind == "COMPLETED" and storage.exists(self.result_path(g)):
@@ -388,7 +386,9 @@ class GroupJob:
 
 
 def child_states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
-    """(group, state type, state message) of each child, read in one API call."""
+    """(group, state type, state message) of each child, read in one API call; a child gone
+    silent with its worker is first marked Crashed (``silent_children``), so it reads so."""
+    silent_children(ids)
     by_id = {str(i): g for g, i in ids.items()}
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(

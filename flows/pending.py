@@ -13,7 +13,7 @@ from prefect.variables import Variable
 
 from prefect_kluster.blocks import resolve_credentials
 from prefect_kluster.flows.batch_inference import BatchRunError, batch_inference
-from prefect_kluster.flows.fanout import FINAL, child_states, silent_children
+from prefect_kluster.flows.fanout import FINAL, child_states
 from prefect_kluster.tasks.pending import list_pending, read_pending
 from prefect_kluster.tasks.types import BatchInfo
 
@@ -27,7 +27,6 @@ def _children_ready(child_runs: list[str]) -> tuple[bool, str]:
     of their states); the run itself then joins, or starts a group again. A child gone
     silent with its worker is marked Crashed here, so its group is started again."""
     ids = {i: UUID(run_id) for i, run_id in enumerate(child_runs)}
-    silent_children(ids)
     working = [g for g, kind, _ in child_states(ids) if kind not in FINAL]
     if not working:
         return True, ""
