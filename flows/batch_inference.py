@@ -241,6 +241,10 @@ def batch_inference(
     with credentials.get_client() as client:
         prices = load_prices(client, run.prices)
     windows = list(dict.fromkeys([run.completion_window, *WINDOWS]))
+    # The service's batch list is read (a rerun's batches, to reuse) while the file is checked.
+    existing = None
+    if not run.resubmit and not run.estimate_only:
+        existing = find_existing_batches.submit(credentials, since=None)
     shards, estimate = validate_shard_and_estimate(
         source,
         storage.join(work, "shards"),
@@ -264,7 +268,7 @@ def batch_inference(
         update_batch_progress(progress_id, counts.completed + counts.failed, counts.total)
 
     watch_progress(show_progress)
-    known = find_existing_batches(credentials, since=None) if not run.resubmit else []
+    known = existing.result() if existing is not None else []
     journal = Journal(state.state_dir)
     all_results: list[ShardResult] = []
     result_files: list[str] = []

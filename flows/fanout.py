@@ -34,7 +34,6 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
@@ -71,6 +70,7 @@ from prefect_kluster.flows.shards import (
     run_work_dir,
 )
 from prefect_kluster.tasks import storage
+from prefect_kluster.tasks._prefect import prefect_client
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import find_existing_batches, identity_key, shard_identity
 from prefect_kluster.tasks.types import BatchInfo, Shard
@@ -390,7 +390,7 @@ def child_states(ids: dict[int, UUID]) -> list[tuple[int, str, str]]:
     silent with its worker is first marked Crashed (``silent_children``), so it reads so."""
     silent_children(ids)
     by_id = {str(i): g for g, i in ids.items()}
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids.values()))),
             limit=len(ids),
@@ -427,7 +427,7 @@ def silent_children(ids: dict[int, UUID]) -> dict[UUID, str]:
 def _mark_silent(ids: list[UUID], silence: float) -> dict[UUID, str]:
     now = datetime.now(timezone.utc)
     silent: dict[UUID, str] = {}
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=ids),
@@ -461,7 +461,7 @@ def _mark_silent(ids: list[UUID], silence: float) -> dict[UUID, str]:
 
 def _ensure_limit(name: str, limit: int) -> None:
     """The job's global concurrency limit at ``limit`` slots (made, or set again)."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True)
@@ -474,7 +474,7 @@ def _ensure_limit(name: str, limit: int) -> None:
 
 def _delete_limit(name: str) -> None:
     try:
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             client.delete_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
         pass
@@ -492,7 +492,7 @@ def cancel_child_runs_hook(flow: Any, flow_run: Any, state: Any) -> None:
         return
     ids = [json.loads(raw)["flow_run_id"] for raw in storage.read_many(records).values()]
     cancelled = []
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         for run_id in ids:
             try:
                 child = client.read_flow_run(UUID(run_id))

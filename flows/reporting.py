@@ -25,12 +25,13 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.events.schemas.events import Event
 
+from prefect_kluster.tasks._prefect import prefect_client
 from prefect_kluster.tasks.cost import ActualCost, CostEstimate
 from prefect_kluster.tasks.events import (  # re-exported: the reporting API
     BATCH_EVENTS,
@@ -117,11 +118,12 @@ def update_batch_progress(artifact_id: UUID | None, done: int, total: int) -> No
     if artifact_id is None or not in_run():
         return
     try:
-        update_progress_artifact(
-            artifact_id=artifact_id,
-            progress=_percent(done, total),
-            description=f"{done} of {total} requests done",
+        # Prefect's update_progress_artifact makes a new client (and TLS context) a call.
+        update = ArtifactUpdate(
+            data=_percent(done, total), description=f"{done} of {total} requests done"
         )
+        with prefect_client() as client:
+            client.update_artifact(artifact_id=artifact_id, artifact=update)
     except Exception as exc:
         _warn("update the progress artifact", exc)
 

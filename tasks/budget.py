@@ -136,9 +136,9 @@ def _slots(amount_usd: float) -> int:
 
 
 def _client() -> Any:
-    from prefect.client.orchestration import get_client
+    from prefect_kluster.tasks._prefect import prefect_client
 
-    return get_client(sync_client=True)
+    return prefect_client()
 
 
 def _ensure_limit(client: Any, name: str, slots: int) -> None:

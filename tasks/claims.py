@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from prefect_kluster.tasks._prefect import prefect_client
 from prefect_kluster.tasks.retry import is_transient_error
 
 CLAIM_PREFIX = "kluster_claim_"
@@ -93,7 +93,7 @@ def _claims(key: str) -> list[Claim]:
     body = {"variables": {"name": {"like_": f"{base}%"}}, "limit": 50}
 
     def read() -> list[dict]:
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             return client.request("POST", "/variables/filter", json=body).json()
 
     found = _patiently(read)
@@ -133,7 +133,7 @@ def _create(key: str, generation: int) -> Claim | None:
     value = _value(key)
 
     def create() -> bool:
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             try:
                 client.create_variable(VariableCreate(name=name, value=value))
             except ObjectAlreadyExists:
@@ -189,7 +189,7 @@ class _Renewer:
             if not held:
                 continue
             try:
-                with get_client(sync_client=True) as client:
+                with prefect_client() as client:
                     for claim in held:
                         client.update_variable(
                             VariableUpdate(name=claim.name, value=_value(claim.key))
@@ -211,7 +211,7 @@ def _holder_gone(claim: Claim) -> bool:
         return False
 
     def read() -> Any:
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             try:
                 return client.read_flow_run(run_id).state
             except ObjectNotFound:
@@ -258,7 +258,7 @@ def _alive(pid: int) -> bool:
 
 def _delete(name: str) -> None:
     def delete() -> None:
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             try:
                 client.delete_variable_by_name(name)
             except ObjectNotFound:

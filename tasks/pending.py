@@ -15,10 +15,10 @@ import json
 import time
 from typing import Any
 
-from prefect.client.orchestration import get_client
 from prefect.variables import Variable
 
 from prefect_kluster.tasks import storage
+from prefect_kluster.tasks._prefect import prefect_client
 
 PENDING_PREFIX = "kluster_pending_"
 _PAGE = 200  # the server's default page size for variables
@@ -80,7 +80,7 @@ def list_pending() -> dict[str, dict[str, Any]]:
     """Every pending run's pointer on the server, by Variable name (all pages)."""
     body: dict[str, Any] = {"variables": {"name": {"like_": f"{PENDING_PREFIX}%"}}}
     found: dict[str, dict[str, Any]] = {}
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         offset = 0
         while True:
             page = client.request(

@@ -30,7 +30,11 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def find_module_blocks() -> list[type[Block]]:
-    """The block classes defined anywhere in prefect_kluster (imported above)."""
+    """The block classes defined anywhere in prefect_kluster. Every public name is loaded
+    first: names load on first use, and a module collected earlier may have imported the
+    package before Prefect (when it defines no block at import)."""
+    for name in prefect_kluster.__all__:
+        getattr(prefect_kluster, name)
     registry = get_registry_for_type(Block) or {}
     return sorted(
         (b for b in registry.values() if to_qualified_name(b).startswith("prefect_kluster.")),
