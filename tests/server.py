@@ -178,16 +178,82 @@ class PrefectServer:
         return http_json(method, f"{self.api_url}{path}", body)
 
 
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def migrated_sqlite_template(shared_dir: Path, timeout: float = SERVER_START_TIMEOUT) -> Path:
+    """A SQLite database migrated to this Prefect's schema, made once in ``shared_dir``.
+
+    Every Prefect server start on a new SQLite file runs all of Prefect's migrations (about
+    10 s of CPU here); a server started on a copy of this file finds it at the head revision
+    and skips them. Processes sharing ``shared_dir`` (pytest-xdist workers) take a file lock,
+    so the first one makes it and the others wait for it and reuse it."""
+    import fcntl
+    import sqlite3
+
+    template = shared_dir / "prefect-migrated-template.db"
+    with open(shared_dir / "prefect-migrated-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if template.exists():
+            return template
+        work = shared_dir / "prefect-migrated-template.work"
+        work.mkdir(parents=True, exist_ok=True)
+        db = work / "migrated.db"
+        done = subprocess.run(
+            [PREFECT, "server", "database", "upgrade", "-y"],
+            env=clean_env(
+                PREFECT_HOME=str(work / "home"),
+                PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite_url(db),
+            ),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"prefect server database upgrade failed ({done.returncode}):\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        # One self-contained file (no -wal/-shm beside it), put in place whole.
+        partial = shared_dir / "prefect-migrated-template.partial"
+        src, dst = sqlite3.connect(db), sqlite3.connect(partial)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        os.replace(partial, template)
+        return template
+
+
+def copy_of(template: Path, path: Path) -> str:
+    """Copy ``template`` to ``path``; return its database URL for Prefect."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return sqlite_url(path)
+
+
 @contextmanager
 def prefect_server(
-    base_dir: Path, timeout: float = SERVER_START_TIMEOUT
+    base_dir: Path, timeout: float = SERVER_START_TIMEOUT, db_template: Path | None = None
 ) -> Iterator[PrefectServer]:
-    """A real ``prefect server start`` on a free loopback port, SQLite in ``base_dir``."""
+    """A real ``prefect server start`` on a free loopback port, SQLite in ``base_dir``
+    (a copy of ``db_template``, already migrated, if given)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = base_dir / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
+    database = {}
+    if db_template is not None:
+        database["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = copy_of(
+            db_template, home / "prefect.db"
+        )
     env = clean_env(
+        **database,
         PREFECT_HOME=str(home),
         PREFECT_UI_API_URL=f"{url}/api",
         PREFECT_SERVER_API_HOST="127.0.0.1",
@@ -234,11 +300,15 @@ def emulator_process(
 
 
 def server_and_emulator(
-    stack: ExitStack, base_dir: Path, api_key: str, **env: str
+    stack: ExitStack,
+    base_dir: Path,
+    api_key: str,
+    db_template: Path | None = None,
+    **env: str,
 ) -> tuple[PrefectServer, str, dict[str, str]]:
     """A Prefect server and an emulator that checks ``api_key``, both stopped by ``stack``;
     returns them with the environment for a worker or serve process that uses both."""
-    server = stack.enter_context(prefect_server(base_dir))
+    server = stack.enter_context(prefect_server(base_dir, db_template=db_template))
     emulator_url, _ = stack.enter_context(emulator_process(server.log_dir, "--api-key", api_key))
     client_env = server.client_env(KLUSTER_API_KEY=api_key, KLUSTER_BASE_URL=emulator_url, **env)
     return server, emulator_url, client_env
@@ -264,8 +334,15 @@ class BackgroundBackend:
     does other work; ``result()`` waits for them (bounded) and re-raises a failed start.
     Leaving the context stops both processes."""
 
-    def __init__(self, base_dir: Path, api_key: str, timeout: float = 2 * SERVER_START_TIMEOUT):
+    def __init__(
+        self,
+        base_dir: Path,
+        api_key: str,
+        timeout: float = 2 * SERVER_START_TIMEOUT,
+        db_template: Path | None = None,
+    ):
         self._base, self._key, self._timeout = base_dir, api_key, timeout
+        self._db_template = db_template
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._value: RealBackend | None = None
@@ -275,7 +352,9 @@ class BackgroundBackend:
     def _run(self) -> None:
         try:
             with ExitStack() as stack:
-                server, url, _ = server_and_emulator(stack, self._base, self._key)
+                server, url, _ = server_and_emulator(
+                    stack, self._base, self._key, self._db_template
+                )
                 self._value = RealBackend(server=server, emulator_url=url, work=self._base)
                 self._ready.set()
                 self._stop.wait()

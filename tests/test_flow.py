@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from prefect_kluster.flows import (
 from prefect_kluster.tasks import RequestFileError
 from tests.conftest import TEST_API_KEY
 from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
-from tests.server import wait_for
+from tests.server import copy_of, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,22 +232,26 @@ def test_key_never_in_logs_or_result(tmp_path, kluster_env, caplog):
     assert caplog.records, "logs were captured"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flows.batch_inference", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=240,
+        env=env,
     )
 
 
-def test_cli_help_and_demo_run(tmp_path):
+def test_cli_help_and_demo_run(tmp_path, prefect_db_template):
     help_text = _cli("--help")
     assert help_text.returncode == 0 and "--emulator" in help_text.stdout
     out = tmp_path / "demo.jsonl"
     demo = ("deployments/sample-requests.jsonl", "--emulator", "--output", str(out))
-    run = _cli(*demo)
+    # The CLI still starts its own temporary Prefect server; its database is a copy of the
+    # session's migrated one (not ~/.prefect/prefect.db, which a fresh machine would migrate).
+    db = copy_of(prefect_db_template, tmp_path / "cli-prefect.db")
+    run = _cli(*demo, env={**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": db})
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"Results: {out}" in run.stdout
     # `-m flows.batch_inference` must not find the module imported already by `flows`.
