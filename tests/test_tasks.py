@@ -176,11 +176,18 @@ def test_auth_failure_fails_fast_with_the_service_message(emulator, tmp_path):
 
 def test_storm_of_429_and_500_is_retried_through(credentials, emulator, tmp_path):
     # The SDK itself gives up at once (max_retries=0): only the task's retries get through.
+    # Same retries and retry condition, shorter pauses between them: the seeded faults come in
+    # request order, not by time, and the upload's 1+2+4+8 s back-off took 15 of the test's
+    # 24 s while testing nothing more.
     creds = credentials.model_copy(update={"max_retries": 0})
     emulator.configure(fault_rate=0.6, fault_seed=11, lines_per_second=40)
     path = run_task(build_request_file, str(tmp_path / "req.jsonl"), requests=requests(20))
-    file_id = run_task(upload_file, creds, path)
-    batch = run_task(submit_batch, creds, file_id)
+    quick = {"retry_delay_seconds": 0.1}
+    upload = upload_file.with_options(**quick)
+    assert upload.retries == upload_file.retries == 4
+    assert upload.retry_condition_fn is upload_file.retry_condition_fn
+    file_id = run_task(upload, creds, path)
+    batch = run_task(submit_batch.with_options(**quick), creds, file_id)
     final = run_task(wait_for_batch, creds, batch.id, poll_interval=0.05, timeout=120)
     assert final.status == "completed"
     faults = emulator.stats()["faults_injected"]
