@@ -104,22 +104,23 @@ def collect_until_completed(after_each=None, timeout: float = 400) -> str | None
 
 
 def test_many_batches_are_collected_from_the_work_dir(tmp_path, kluster_env):
-    # 40 one-line shards: their batch ids alone are over 1,000 characters, yet the Variable
-    # holds only a short pointer (it does not grow with the run; the 5,000-character limit
-    # itself is passed by test_parameters_larger_than_a_variable_are_fine) and the state is
-    # in the work directory. (160 shards here took 100-200 s of Prefect task runs in CI.)
-    rows = requests(40)
+    # 32 one-line shards: their batch ids alone are over 1,000 characters (32 ids of 30
+    # characters: 1,088 as JSON), yet the Variable holds only a short pointer (it does not
+    # grow with the run; the 5,000-character limit itself is passed by
+    # test_parameters_larger_than_a_variable_are_fine) and the state is in the work
+    # directory. (160 shards here took 100-200 s of Prefect task runs in CI, 40 took 47 s.)
+    rows = requests(32)
     pending, out = start_without_waiting(
-        tmp_path, rows, "many", max_requests_per_file=1, max_concurrency=40
+        tmp_path, rows, "many", max_requests_per_file=1, max_concurrency=32
     )
-    assert pending.status == "pending" and len(pending.batch_ids) == 40
+    assert pending.status == "pending" and len(pending.batch_ids) == 32
     assert len(json.dumps(pending.batch_ids)) > 1000
     (pointer,) = list_pending().values()
     assert len(json.dumps(pointer)) < 500
     assert sorted(read_pending(pointer["work_dir"])["batch_ids"]) == sorted(pending.batch_ids)
     assert collect_until_completed() == "completed" and list_pending() == {}
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
-    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 40
+    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 32
 
 
 def test_parameters_larger_than_a_variable_are_fine(tmp_path, kluster_env):
@@ -170,22 +171,23 @@ def _running(emulator) -> int:
 
 
 def test_max_concurrency_holds_while_not_waiting(tmp_path, kluster_env):
-    # Six shards, at most two batches running: the first call submits two and ends; each
+    # Four shards, at most two batches running: the first call submits two and ends; each
     # collection that sees a slot free submits the next, never more than two at once.
+    # (Six shards took 23 s of collections; four still leave two waiting for a slot.)
     kluster_env.configure(lines_per_second=10)
-    rows = requests(30)
+    rows = requests(20)
     pending, out = start_without_waiting(
         tmp_path, rows, "capped", max_requests_per_file=5, max_concurrency=2
     )
     assert pending.status == "pending" and len(pending.batch_ids) == 2
     (pointer,) = list_pending().values()
     record = read_pending(pointer["work_dir"])
-    assert record["queued"] == 4 and record["batch_ids"] == pending.batch_ids
+    assert record["queued"] == 2 and record["batch_ids"] == pending.batch_ids
     seen = [_running(kluster_env)]
     outcome = collect_until_completed(lambda: seen.append(_running(kluster_env)))
     assert outcome == "completed" and list_pending() == {}
     assert max(seen) <= 2, seen
-    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 6
+    assert kluster_env.stats()["requests"]["POST /v1/batches"] == 4
     assert [r["custom_id"] for r in read_jsonl(out)] == [r["custom_id"] for r in rows]
     assert all(r["status"] == "ok" for r in read_jsonl(out))
 
