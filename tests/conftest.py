@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -18,6 +22,39 @@ TEST_API_KEY = "sk-kluster-TEST-5ecr3t-9f2b7c41"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the first pytest process (the xdist controller, or the only one), start making the
+    migrated database template in the background: it is made while workers boot and collect,
+    instead of after. ``prefect_db_template`` waits for it (the maker holds the file lock), or
+    makes it itself if the maker did not (the template is written whole or not at all)."""
+    factory = getattr(config, "_tmp_path_factory", None)  # the tmp_path plugin's own
+    if os.environ.get("PYTEST_XDIST_WORKER") or factory is None or config.option.collectonly:
+        return
+    make = (
+        "import sys, pathlib, tests.server as s; "
+        "s.migrated_sqlite_template(pathlib.Path(sys.argv[1]))"
+    )
+    config.stash[_TEMPLATE_MAKER] = subprocess.Popen(
+        [sys.executable, "-c", make, str(factory.getbasetemp())],
+        cwd=config.rootpath,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    maker = config.stash.get(_TEMPLATE_MAKER, None)
+    if maker is not None and maker.poll() is None:  # the run ended (or failed) before it did
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(maker.pid, signal.SIGKILL)  # its own session: the prefect CLI with it
+        maker.wait(timeout=30)
+
+
+_TEMPLATE_MAKER = pytest.StashKey[subprocess.Popen]()
 
 
 @pytest.fixture(scope="session")
