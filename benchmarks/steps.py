@@ -435,7 +435,14 @@ def prefect_backend() -> Any:
     return prefect_test_harness(server_startup_timeout=120)
 
 
-def ours_e2e(source: str, output: str) -> dict[str, Any]:
+def ours_e2e(
+    source: str,
+    output: str,
+    lines_per_second: float | None = None,
+    max_file_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The flow on ``source`` against the in-process emulator (each batch paced at
+    ``lines_per_second`` if given; shards of at most ``max_file_bytes`` if given)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect import flow
@@ -448,7 +455,9 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
         return 1
 
     validation = _timed_emulator_validation()
-    with prefect_backend(), run_emulator(EmulatorConfig()) as emu:
+    limits = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
+    config = EmulatorConfig(lines_per_second=lines_per_second)
+    with prefect_backend(), run_emulator(config) as emu:
         os.environ["KLUSTER_API_KEY"] = "emulator-key"
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         warm_up()  # the temporary Prefect server and the flow machinery, before timing
@@ -459,6 +468,7 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
                 output_path=output,
                 output={"overwrite": True},
                 run={"poll_interval": 0.2},
+                limits=limits,
             )
             seconds = start.stop()
         figures = _emulator_figures(emu, validation)
@@ -473,32 +483,80 @@ def ours_e2e(source: str, output: str) -> dict[str, Any]:
     )
 
 
-def baseline_e2e(source: str) -> dict[str, Any]:
-    """The guide's script shape through the openai SDK: upload, create, poll, `.content`."""
+def split_parts(source: str, part_bytes: int, out_dir: Path) -> list[Path]:
+    """``source`` cut at line ends into files of at most ``part_bytes`` (what a user of the
+    guide does with a file over the 100 MB limit)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    handle = None
+    size = 0
+    with open(source, "rb") as src:
+        for line in src:
+            if handle is None or size + len(line) > part_bytes:
+                if handle is not None:
+                    handle.close()
+                parts.append(out_dir / f"part-{len(parts):03d}.jsonl")
+                handle = open(parts[-1], "wb")  # noqa: SIM115
+                size = 0
+            handle.write(line)
+            size += len(line)
+    if handle is not None:
+        handle.close()
+    return parts
+
+
+def _guide_script(client: Any, path: Path) -> tuple[str, int]:
+    """The guide's script on one file: upload, create, poll every 0.2 s, ``.content``."""
+    with open(path, "rb") as handle:
+        batch_input_file = client.files.create(file=handle, purpose="batch")
+    batch_request = client.batches.create(
+        input_file_id=batch_input_file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    while True:
+        batch_status = client.batches.retrieve(batch_request.id)
+        if batch_status.status.lower() in ["completed", "failed", "cancelled"]:
+            break
+        time.sleep(0.2)
+    results = client.files.content(batch_status.output_file_id).content
+    return batch_status.status, len(results)
+
+
+def baseline_e2e(
+    source: str, lines_per_second: float | None = None, part_bytes: int | None = None
+) -> dict[str, Any]:
+    """The guide's script shape through the openai SDK on ``source``, or (``part_bytes``)
+    on each part of it in turn, cut first (the cut is timed too)."""
+    import tempfile
+
     from openai import OpenAI
 
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
     validation = _timed_emulator_validation()
-    with run_emulator(EmulatorConfig()) as emu:
-        client = OpenAI(base_url=emu.base_url, api_key="emulator-key")
-        start = Clock()
-        with open(source, "rb") as handle:
-            batch_input_file = client.files.create(file=handle, purpose="batch")
-        batch_request = client.batches.create(
-            input_file_id=batch_input_file.id,
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
-        while True:
-            batch_status = client.batches.retrieve(batch_request.id)
-            if batch_status.status.lower() in ["completed", "failed", "cancelled"]:
-                break
-            time.sleep(0.2)
-        results = client.files.content(batch_status.output_file_id).content
-        seconds = start.stop()
-        figures = _emulator_figures(emu, validation)
-    return _result(seconds, start, status=batch_status.status, result_bytes=len(results), **figures)
+    scratch = Path(tempfile.mkdtemp(prefix="kluster-guide-parts-"))
+    try:
+        with run_emulator(EmulatorConfig(lines_per_second=lines_per_second)) as emu:
+            client = OpenAI(base_url=emu.base_url, api_key="emulator-key")
+            start = Clock()
+            parts = [Path(source)]
+            if part_bytes is not None:
+                parts = split_parts(source, part_bytes, scratch)
+            runs = [_guide_script(client, part) for part in parts]
+            seconds = start.stop()
+            figures = _emulator_figures(emu, validation)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    status = "completed" if all(s == "completed" for s, _ in runs) else "failed"
+    return _result(
+        seconds,
+        start,
+        status=status,
+        parts=len(parts),
+        result_bytes=sum(n for _, n in runs),
+        **figures,
+    )
 
 
 # --- (g) the 50-shard hour: status calls and progress updates ----------------------------

@@ -79,6 +79,8 @@ def test_bench_prints_every_figure(tmp_path):
         ("d real shard", "no estimate"),
         ("e real join", "plain read"),
         ("e real join", "ours"),
+        ("c2 e2e parts", "baseline"),
+        ("c2 e2e parts", "ours"),
     ]:
         assert any(line.startswith(step) and impl in line for line in table.splitlines())
     for target in ("shard", "join", "e2e flow", "real-world shard", "real-world join", "hour"):
@@ -91,6 +93,11 @@ def test_bench_prints_every_figure(tmp_path):
     assert re.search(
         r"target real-world join [\d.]+ MB/s = [\d.]+ of a plain read .* >= 0\.25", out
     )
+    # Issue 13's end-to-end targets: against the guide's script, and past the 100 MB limit
+    # against its way applied to each part in turn (the quick run cuts four parts).
+    assert re.search(r"target e2e flow [\d.]+x the guide's script \(same run\) >= 1\.0x", out)
+    assert re.search(r"target e2e in parts [\d.]+x the guide's way part by part >= 3x", out)
+    assert re.search(r"the guide's way: [2-9] part\(s\), one after the other", out)
     assert out.count("MB/s") >= 7 and "peak RSS" in out
     # The real-world data has the shapes it claims.
     data = (tmp_path / "work" / "real-requests.jsonl").read_bytes()
