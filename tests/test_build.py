@@ -10,6 +10,7 @@ import pytest
 
 from prefect_kluster.tasks.build import (
     RequestFileError,
+    balanced_bytes,
     build_request_lines,
     read_prompts,
     shard_request_file,
@@ -51,6 +52,23 @@ def test_byte_cap_exactly_at_and_one_under(tmp_path):
     assert [s.lines for s in under] == [2, 2, 2]
     one_line = shard_request_file(src, tmp_path / "c", max_file_bytes=size)
     assert [s.lines for s in one_line] == [1] * 6
+
+
+def test_a_file_over_the_byte_cap_is_cut_into_equal_shards(tmp_path):
+    # Batches run side by side: a run lasts as long as its largest shard, so twelve lines
+    # under a five-line cap are three shards of four, not 5 + 5 + 2.
+    lines = same_size_requests(12)
+    size = len(lines[0]) + 1
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    shards = shard_request_file(src, tmp_path / "out", max_file_bytes=5 * size)
+    assert [s.lines for s in shards] == [4, 4, 4]
+    assert shard_bytes(shards) == src.read_bytes()
+    # The line that reaches the target goes in: never more shards than the cap needs.
+    shards = shard_request_file(src, tmp_path / "odd", max_file_bytes=5 * size - 1)
+    assert len(shards) == 3 and all(s.bytes <= 5 * size - 1 for s in shards)
+    assert [s.lines for s in shards] == [4, 4, 4]
+    assert balanced_bytes(338_000_000, 99_000_000) == 84_500_000
+    assert balanced_bytes(1000, 1000) == 1000
 
 
 def test_line_larger_than_the_byte_cap_names_the_line(tmp_path):
