@@ -3,15 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,45 +19,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """In the first pytest process (the xdist controller, or the only one), start making the
-    migrated database template in the background: it is made while workers boot and collect,
-    instead of after. ``prefect_db_template`` waits for it (the maker holds the file lock), or
-    makes it itself if the maker did not (the template is written whole or not at all)."""
-    factory = getattr(config, "_tmp_path_factory", None)  # the tmp_path plugin's own
-    if os.environ.get("PYTEST_XDIST_WORKER") or factory is None or config.option.collectonly:
-        return
-    make = (
-        "import sys, pathlib, tests.server as s; "
-        "s.migrated_sqlite_template(pathlib.Path(sys.argv[1]))"
-    )
-    config.stash[_TEMPLATE_MAKER] = subprocess.Popen(
-        [sys.executable, "-c", make, str(factory.getbasetemp())],
-        cwd=config.rootpath,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    maker = config.stash.get(_TEMPLATE_MAKER, None)
-    if maker is not None and maker.poll() is None:  # the run ended (or failed) before it did
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(maker.pid, signal.SIGKILL)  # its own session: the prefect CLI with it
-        maker.wait(timeout=30)
-
-
-_TEMPLATE_MAKER = pytest.StashKey[subprocess.Popen]()
-
-
 @pytest.fixture(scope="session")
 def prefect_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite database already at Prefect's schema head, made once per pytest run (under
     xdist, once for all workers: in the run's shared temporary folder, under a file lock).
-    Every SQLite-backed Prefect server the tests start gets a copy, so none of them runs
-    Prefect's migrations again (a harness start took 19.4 s on a new file, 10.3 s on a copy)."""
+    The real server and the CLI's temporary servers start on a copy and skip Prefect's
+    migrations (a server start took 19.4 s on a new file, 10.3 s on a copy); the session
+    harness does not wait for it (see ``prefect_backend``)."""
+    return _migrated_template(tmp_path_factory)
+
+
+def _migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.server import migrated_sqlite_template
 
     shared = tmp_path_factory.getbasetemp()
@@ -73,9 +40,7 @@ def prefect_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def _real_backend_starter(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    prefect_db_template: Path,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[object]:
     """Start the real server and emulator processes in the background as soon as the session
     begins, if any collected test needs them: they boot while the in-process tests run, and
@@ -85,21 +50,25 @@ def _real_backend_starter(
     if not any("real_backend" in getattr(i, "fixturenames", ()) for i in request.session.items):
         yield None
         return
+    # The migrated template is made (or waited for) in the backend's own thread, when it starts.
+    template = functools.partial(_migrated_template, tmp_path_factory)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # Every xdist worker collects every test but runs only its share: start the processes
         # on first use, so only the worker that runs those modules pays for them.
-        with _OnFirstUse(tmp_path_factory, prefect_db_template) as starter:
+        with _OnFirstUse(tmp_path_factory, template) as starter:
             yield starter
         return
     base = tmp_path_factory.mktemp("real-backend")
-    with BackgroundBackend(base, TEST_API_KEY, db_template=prefect_db_template) as starter:
+    with BackgroundBackend(base, TEST_API_KEY, db_template=template) as starter:
         yield starter
 
 
 class _OnFirstUse:
     """A ``BackgroundBackend`` that starts when its ``result()`` is first asked for."""
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory, db_template: Path) -> None:
+    def __init__(
+        self, tmp_path_factory: pytest.TempPathFactory, db_template: Callable[[], Path]
+    ) -> None:
         self._factory = tmp_path_factory
         self._db_template = db_template
         self._started: object | None = None
@@ -150,22 +119,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_backend(_real_backend_starter: object, prefect_db_template: Path) -> Iterator[None]:
-    """Flows in tests run against a throwaway SQLite-backed Prefect server."""
-    import prefect.testing.utilities as harness
+def prefect_backend(_real_backend_starter: object) -> Iterator[None]:
+    """Flows in tests run against a throwaway SQLite-backed Prefect server.
 
-    def mkdtemp_with_migrated_db() -> str:
-        # prefect_test_harness puts its database at mkdtemp()/prefect-test.db and has no
-        # setting for it: hand it a folder that already holds a migrated copy there.
-        folder = tempfile.mkdtemp()
-        shutil.copyfile(prefect_db_template, Path(folder) / "prefect-test.db")
-        return folder
+    It migrates its own new database, not a copy of ``prefect_db_template``: both xdist
+    workers start one at once, and waiting for the template first (made by one process,
+    13-20 s) then starting on copies made the session start 14 s later (35 s, not 21 s)."""
+    from prefect.testing.utilities import prefect_test_harness
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(harness, "mkdtemp", mkdtemp_with_migrated_db)
-        with harness.prefect_test_harness(server_startup_timeout=240):
-            patch.undo()
-            yield
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -339,7 +339,7 @@ class BackgroundBackend:
         base_dir: Path,
         api_key: str,
         timeout: float = 2 * SERVER_START_TIMEOUT,
-        db_template: Path | None = None,
+        db_template: Path | Callable[[], Path] | None = None,
     ):
         self._base, self._key, self._timeout = base_dir, api_key, timeout
         self._db_template = db_template
@@ -351,10 +351,11 @@ class BackgroundBackend:
 
     def _run(self) -> None:
         try:
+            template = self._db_template
+            if callable(template):  # made (or waited for) here, not by the caller
+                template = template()
             with ExitStack() as stack:
-                server, url, _ = server_and_emulator(
-                    stack, self._base, self._key, self._db_template
-                )
+                server, url, _ = server_and_emulator(stack, self._base, self._key, template)
                 self._value = RealBackend(server=server, emulator_url=url, work=self._base)
                 self._ready.set()
                 self._stop.wait()
