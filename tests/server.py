@@ -200,22 +200,14 @@ def migrated_sqlite_template(shared_dir: Path, timeout: float = SERVER_START_TIM
         work = shared_dir / "prefect-migrated-template.work"
         work.mkdir(parents=True, exist_ok=True)
         db = work / "migrated.db"
-        done = subprocess.run(
-            [PREFECT, "server", "database", "upgrade", "-y"],
-            env=clean_env(
+        run_cli(
+            ["server", "database", "upgrade", "-y"],
+            clean_env(
                 PREFECT_HOME=str(work / "home"),
                 PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite_url(db),
             ),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
             timeout=timeout,
         )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"prefect server database upgrade failed ({done.returncode}):\n"
-                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-            )
         # One self-contained file (no -wal/-shm beside it), put in place whole.
         partial = shared_dir / "prefect-migrated-template.partial"
         src, dst = sqlite3.connect(db), sqlite3.connect(partial)
