@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench.py [--n 1000000] [--e2e-n 100000] [--skip-e2e]
                                           [--skip-real] [--skip-fanout] [--skip-poll-hour]
                                           [--workdir DIR]
-                                          [--repeat 1] [--quick]
+                                          [--repeat 1] [--quick] [--in-process]
 
 It writes N synthetic guide-shaped requests (fixed seed, about 340 bytes a line) and N
 result lines in a temp dir, then measures, each in a fresh process (steps.py) so that
@@ -37,6 +37,8 @@ peak RSS is the step's own:
      polling at the 60 s pause (3,000 calls); target <= 120 of each.
 
 ``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
+``--in-process`` runs the steps in bench.py's own process (the tests use both, to check the
+benchmark in seconds rather than minutes); its peak RSS figures are not the steps' own.
 
 MB are 10^6 bytes. Peak RSS is VmHWM of the step's process plus the largest of any helper
 process it started. Each step also shows its CPU time and the load average when it began:
@@ -94,10 +96,19 @@ TARGETS = {
 }
 
 
+# ``--in-process``: every step in this process (steps.run_in_process). It saves an interpreter
+# start and a Prefect import (5-8 s of CPU) per step; peak RSS is then the process's so far.
+IN_PROCESS = False
+
+
 def run_step(step: str, **args: Any) -> dict[str, Any]:
     """Run one step in a fresh interpreter; its last output line is its JSON result."""
     os.sync()  # earlier steps' writes go to disk now, not during this step's timing
     load = os.getloadavg()[0]
+    if IN_PROCESS:
+        from steps import run_in_process
+
+        return {**run_in_process(step, args), "load": load}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
     proc = subprocess.run(
         [sys.executable, str(STEPS), step, json.dumps(args)],
@@ -129,6 +140,8 @@ def run_ours(repeat: int, step: str, cleanup: Any = None, **args: Any) -> dict[s
 
 def run_parallel(steps: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Run untimed steps (data generation) side by side."""
+    if IN_PROCESS:
+        return [run_step(step, **args) for step, args in steps]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
     procs = [
         subprocess.Popen(
@@ -563,12 +576,20 @@ def main(argv: list[str] | None = None) -> int:
         "one each (the tests pass their session's server: each temporary one takes ~25 s)",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every step in this process (no interpreter start or Prefect import per "
+        "step): to check the benchmark quickly; its peak RSS figures are not a step's own",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
         help="run each of our steps this many times (fresh processes) and report the fastest",
     )
     args = parser.parse_args(argv)
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
     if args.quick:
         args.n, args.e2e_n = 2000, 500
     if args.n < 10 or args.e2e_n < 1:
@@ -584,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"benchmark: N={args.n:,}, e2e N={args.e2e_n:,}, {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, workdir {work}",
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, workdir {work}"
+        + (", steps in this process (RSS figures not the steps' own)" if IN_PROCESS else ""),
         flush=True,
     )
     report = Report()

@@ -17,6 +17,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +396,8 @@ def baseline_join(ids_paths: list[str], result_paths: list[str], output: str) ->
 # --- (c) end to end ---------------------------------------------------------------------
 
 
-def _timed_emulator_validation() -> list[float]:
+@contextlib.contextmanager
+def _timed_emulator_validation() -> Iterator[list[float]]:
     """Time the emulator's validation stage (it has no counter for it) from in-process."""
     from prefect_kluster.emulator import worker
 
@@ -410,7 +412,10 @@ def _timed_emulator_validation() -> list[float]:
             spent.append(time.perf_counter() - began)
 
     worker._Run._validate = timed  # type: ignore[method-assign]
-    return spent
+    try:
+        yield spent
+    finally:
+        worker._Run._validate = original  # type: ignore[method-assign]
 
 
 def _emulator_figures(emu: Any, validation: list[float]) -> dict[str, Any]:
@@ -454,10 +459,13 @@ def ours_e2e(
     def warm_up() -> int:
         return 1
 
-    validation = _timed_emulator_validation()
     limits = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
     config = EmulatorConfig(lines_per_second=lines_per_second)
-    with prefect_backend(), run_emulator(config) as emu:
+    with (
+        _timed_emulator_validation() as validation,
+        prefect_backend(),
+        run_emulator(config) as emu,
+    ):
         os.environ["KLUSTER_API_KEY"] = "emulator-key"
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         warm_up()  # the temporary Prefect server and the flow machinery, before timing
@@ -534,10 +542,10 @@ def baseline_e2e(
 
     from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
-    validation = _timed_emulator_validation()
     scratch = Path(tempfile.mkdtemp(prefix="kluster-guide-parts-"))
+    config = EmulatorConfig(lines_per_second=lines_per_second)
     try:
-        with run_emulator(EmulatorConfig(lines_per_second=lines_per_second)) as emu:
+        with _timed_emulator_validation() as validation, run_emulator(config) as emu:
             client = OpenAI(base_url=emu.base_url, api_key="emulator-key")
             start = Clock()
             parts = [Path(source)]
@@ -680,6 +688,13 @@ STEPS = {
     "baseline-e2e": baseline_e2e,
     "poll-hour": poll_hour,
 }
+
+
+def run_in_process(step: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A step in the calling process (``bench.py --in-process``): no interpreter start or
+    Prefect import per step, but its peak RSS is the whole process's so far. For checking
+    the benchmark, not for figures. The result goes through JSON as a fresh process's does."""
+    return json.loads(json.dumps(STEPS[step](**args)))
 
 
 def main() -> None:

@@ -24,9 +24,11 @@ from tests.helpers import request, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Eleven fresh processes (the flow steps on the session's server): minutes on a busy machine.
 @pytest.mark.timeout(900)
 def test_bench_prints_every_figure(tmp_path):
+    """Every section at a tiny size, its steps in bench.py's own process (``--in-process``):
+    a fresh interpreter per step imports Prefect each time, which took most of this test's
+    100-150 s. ``test_bench_step_runs_in_a_fresh_process`` checks that path."""
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -35,6 +37,7 @@ def test_bench_prints_every_figure(tmp_path):
             sys.executable,
             str(ROOT / "benchmarks" / "bench.py"),
             "--quick",
+            "--in-process",
             # the session's server, not a temporary one for each flow step
             "--prefect-api-url",
             PREFECT_API_URL.value(),
@@ -105,6 +108,30 @@ def test_bench_prints_every_figure(tmp_path):
     assert 0 < sum(line.endswith(b"\r") for line in lines) < len(lines)
     assert b'"image_url"' in data and "Объясни".encode() in data and b"\\u" not in data
     assert max(map(len, lines)) > 1500  # long system prompts
+
+
+def test_bench_step_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    """The way ``make bench`` runs each step: data made by processes side by side, then a
+    step in its own interpreter whose last output line is its JSON result, with its own
+    peak RSS."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench
+
+    monkeypatch.setattr(bench, "IN_PROCESS", False)
+    source = tmp_path / "requests.jsonl"
+    made = bench.run_parallel(
+        [
+            ("gen-requests", {"path": str(source), "n": 300}),
+            ("gen-real-requests", {"path": str(tmp_path / "real.jsonl"), "n": 30}),
+        ]
+    )
+    assert made[0]["bytes"] == source.stat().st_size > 0
+    assert made[1]["bytes"] == (tmp_path / "real.jsonl").stat().st_size > 0
+    result = bench.run_step("ours-shard", source=str(source), out_dir=str(tmp_path / "shards"))
+    assert [s["lines"] for s in result["shards"]] == [300]
+    assert result["seconds"] > 0 and result["load"] >= 0
+    assert result["own_rss_mb"] > 20  # a Python process that imported Prefect
+    assert "steps" not in sys.modules  # the step ran in its own process, not in this one
 
 
 @pytest.fixture
