@@ -29,6 +29,7 @@ except ModuleNotFoundError:  # pragma: no cover - older python-multipart
 
 from .config import EmulatorConfig
 from .pricing import extended_model
+from .responder import load_tokenizers
 from .state import BatchRecord, FileRecord, Store, new_id, window_seconds
 from .worker import CHAT_URL, start_worker
 
@@ -311,6 +312,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Before the first request is answered, as a service is ready before it takes work.
+        await asyncio.to_thread(load_tokenizers, store.config.models)
         try:
             yield
         finally:

@@ -32,6 +32,14 @@ def _encoding(model: str) -> quicktok.Tokenizer:
     return quicktok.get_encoding("qwen3" if "qwen" in model.lower() else "llama3")
 
 
+def load_tokenizers(models: list[str]) -> None:
+    """Load the models' tokenizers now. Loading one holds the interpreter lock for about
+    half a second (measured here), so loading them at the first batch stalled every thread
+    of the process hosting the emulator, such as a flow run beside it."""
+    for model in models:
+        _encoding(model)
+
+
 def count_tokens(model: str, text: str) -> int:
     """Tokens of ``text`` (special-token names count as plain text) for ``model``."""
     return _encoding(model).count(text) if text else 0
