@@ -241,3 +241,31 @@ def test_credentials_repr_hides_the_key(emulator):
     assert TEST_API_KEY not in repr(creds) and TEST_API_KEY not in str(creds)
     client = creds.get_client()
     assert client.base_url.host == "127.0.0.1"
+
+
+def test_submit_releases_the_shard_claim_once_the_batch_is_recorded(tmp_path, credentials):
+    """The claim stops being held when the batch is recorded, and is deleted from the
+    Prefect server in the background (a SQLite server can hold a delete up to ~2 s)."""
+    from prefect_kluster.tasks import claims
+    from prefect_kluster.tasks.build import shard_request_file
+    from prefect_kluster.tasks.submit import identity_key, shard_identity, submit_shard
+    from prefect_kluster.tasks.upload import upload_shard
+
+    source = write_jsonl(tmp_path / "r.jsonl", requests(3, prefix="claim-"))
+    [shard] = shard_request_file(source, tmp_path / "shards")
+    identity = shard_identity(shard, nonce=f"claims-{time.time_ns()}")
+    key = identity_key(identity)
+    state_dir = str(tmp_path / "state")
+
+    @flow
+    def upload_then_submit():
+        uploaded = upload_shard(credentials, shard, identity, state_dir)
+        held = claims._Renewer.holding(key)
+        batch = submit_shard(credentials, uploaded, state_dir)
+        return held, claims._Renewer.holding(key), batch
+
+    held, after, batch = upload_then_submit()
+    assert held is not None and held.generation == 0  # upload_shard took it
+    assert after is None  # no longer held (or renewed) once the batch is recorded
+    assert batch.metadata["kluster_shard_sha256"] == shard.sha256
+    wait_until(lambda: not claims._claims(key), timeout=30)  # deleted on the server
