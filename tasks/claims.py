@@ -19,10 +19,8 @@ the next generation of the claim (again create-once, so one taker wins).
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import hashlib
-import logging
 import os
 import random
 import socket
@@ -45,10 +43,8 @@ STALE_AFTER = 60.0
 SERVER_ATTEMPTS = 6
 RENEW_EVERY = 10.0
 WAIT_STEP = 0.5
-RELEASE_AT_EXIT = 15.0
 T = TypeVar("T")
 _PROCESS_OWNER = f"process-{uuid.uuid4().hex[:12]}"
-_log = logging.getLogger("prefect.kluster.claims")
 
 
 def owner_id() -> str:
@@ -275,49 +271,9 @@ def _delete(name: str) -> None:
 def release(key: str) -> None:
     """Drop the key's claim (the batch is on the service now): the first generation this
     run holds with one call, else every generation there is."""
-    _release(key, _Renewer.holding(key))
-
-
-def _release(key: str, mine: Claim | None) -> None:
+    mine = _Renewer.holding(key)
     if mine is not None and mine.generation == 0:
         _delete(mine.name)
         return
     for claim in _claims(key):
         _delete(claim.name)
-
-
-def release_soon(key: str) -> None:
-    """``release`` from a background thread, once the batch is recorded on the service and
-    in the journal: only another run of the same inputs waits for the claim, and that run
-    then finds the batch. A SQLite-backed Prefect server answers some of these deletes 503
-    ("database is locked": Prefect reads the variable, then deletes it, while other writes
-    go on) and Prefect's client then sleeps about 2 s before trying again; measured here on
-    one submit in three, and it held up each shard's wait. The claim stops being renewed
-    now. A process that ends gives these deletes up to ``RELEASE_AT_EXIT`` seconds to
-    finish; a delete that never happens leaves a claim whose flow run has ended, which the
-    next run of the same inputs takes over and deletes (``acquire``, ``release``)."""
-    mine = _Renewer.holding(key)
-    if mine is not None:
-        _Renewer.stop(mine.name)
-
-    def run() -> None:
-        try:
-            _release(key, mine)
-        except Exception as exc:
-            _log.warning("Could not release claim %s: %s", key, type(exc).__name__)
-
-    context = contextvars.copy_context()  # the holder's Prefect settings
-    thread = threading.Thread(target=context.run, args=(run,), name="kluster-release", daemon=True)
-    with _Renewer._lock:
-        _releasing[:] = [t for t in _releasing if t.is_alive()] + [thread]
-    thread.start()
-
-
-_releasing: list[threading.Thread] = []
-
-
-@atexit.register
-def _finish_releases() -> None:
-    deadline = time.monotonic() + RELEASE_AT_EXIT
-    for thread in list(_releasing):
-        thread.join(max(0.0, deadline - time.monotonic()))

@@ -108,9 +108,7 @@ def submit_shard(
     metadata: dict[str, str] | None = None,
 ) -> BatchInfo:
     """Create the shard's batch unless it exists; record the intent first. Releases the
-    shard's claim (taken by ``upload_shard``) once the batch is recorded (in the
-    background: nothing of this run waits for it), or on failure (at once: a retry takes it
-    again)."""
+    shard's claim (taken by ``upload_shard``) once the batch is recorded, or on failure."""
     if upload.batch is not None:
         return upload.batch
     assert upload.file_id is not None
@@ -118,12 +116,9 @@ def submit_shard(
         # Held already on a first attempt; a retry (after a failure released it) takes it
         # again, or waits for the run that took it meanwhile and then finds its batch.
         claims.acquire(upload.key)
-        info = _create_recorded(credentials, upload, state_dir, completion_window, metadata)
-    except BaseException:
+        return _create_recorded(credentials, upload, state_dir, completion_window, metadata)
+    finally:
         claims.release(upload.key)
-        raise
-    claims.release_soon(upload.key)
-    return info
 
 
 def _create_recorded(

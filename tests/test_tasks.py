@@ -244,8 +244,8 @@ def test_credentials_repr_hides_the_key(emulator):
 
 
 def test_submit_releases_the_shard_claim_once_the_batch_is_recorded(tmp_path, credentials):
-    """The claim stops being held when the batch is recorded, and is deleted from the
-    Prefect server in the background (a SQLite server can hold a delete up to ~2 s)."""
+    """The claim upload_shard takes is held until the batch is recorded, then released:
+    no longer renewed by this process and gone from the Prefect server."""
     from prefect_kluster.tasks import claims
     from prefect_kluster.tasks.build import shard_request_file
     from prefect_kluster.tasks.submit import identity_key, shard_identity, submit_shard
