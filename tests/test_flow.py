@@ -243,9 +243,17 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def test_cli_help_and_demo_run(tmp_path, prefect_db_template):
-    help_text = _cli("--help")
-    assert help_text.returncode == 0 and "--emulator" in help_text.stdout
+def test_cli_help_and_demo_run(tmp_path, prefect_db_template, capsys, monkeypatch):
+    from prefect_kluster.cli import main
+
+    for name in ("KLUSTER_BASE_URL", "KLUSTER_API_KEY"):  # --emulator sets them: restored after
+        monkeypatch.delenv(name, raising=False)
+
+    # --help and the refusal below run in this process: each `python -m` imports Prefect
+    # (about 5 s); the demo run is the real command.
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0 and "--emulator" in capsys.readouterr().out
     out = tmp_path / "demo.jsonl"
     demo = ("deployments/sample-requests.jsonl", "--emulator", "--output", str(out))
     # The CLI still starts its own temporary Prefect server; its database is a copy of the
@@ -258,8 +266,8 @@ def test_cli_help_and_demo_run(tmp_path, prefect_db_template):
     assert "RuntimeWarning" not in run.stderr, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     assert len(read_jsonl(out)) == sum(1 for _ in open(ROOT / "deployments/sample-requests.jsonl"))
-    again = _cli(*demo)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert main(list(demo)) == 1  # the output exists: refused before any run
+    assert "already exists" in capsys.readouterr().err
     json.loads(out.read_text().splitlines()[0])
 
 
