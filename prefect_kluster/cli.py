@@ -245,22 +245,23 @@ def _usd(amount: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``kluster-batch``)."""
     args = parse_args(argv)
+    if args.emulator:
+        os.environ["KLUSTER_API_KEY"] = "emulator-key"
+        args.credentials_block = None
+        if args.poll_interval == DEFAULT_POLL_INTERVAL:
+            args.poll_interval = EMULATOR_POLL_INTERVAL
+    try:
+        preflight(args)  # before the emulator starts (it loads its tokenizers, about 1 s)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     with ExitStack() as stack:
         if args.emulator:
             from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
             emu = stack.enter_context(run_emulator(EmulatorConfig()))
             os.environ["KLUSTER_BASE_URL"] = emu.base_url
-            os.environ["KLUSTER_API_KEY"] = "emulator-key"
-            args.credentials_block = None
-            if args.poll_interval == DEFAULT_POLL_INTERVAL:
-                args.poll_interval = EMULATOR_POLL_INTERVAL
             print(f"Using the embedded kluster.ai emulator at {emu.base_url}", flush=True)
-        try:
-            preflight(args)
-        except CliError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
         from prefect_kluster.flows.batch_inference import batch_inference
 
         try:

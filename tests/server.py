@@ -331,7 +331,7 @@ class BackgroundBackend:
         base_dir: Path,
         api_key: str,
         timeout: float = 2 * SERVER_START_TIMEOUT,
-        db_template: Path | Callable[[], Path] | None = None,
+        db_template: Callable[[], Path] | None = None,
     ):
         self._base, self._key, self._timeout = base_dir, api_key, timeout
         self._db_template = db_template
@@ -343,9 +343,8 @@ class BackgroundBackend:
 
     def _run(self) -> None:
         try:
-            template = self._db_template
-            if callable(template):  # made (or waited for) here, not by the caller
-                template = template()
+            # The template is made (or waited for) here, not by the caller.
+            template = self._db_template() if self._db_template is not None else None
             with ExitStack() as stack:
                 server, url, _ = server_and_emulator(stack, self._base, self._key, template)
                 self._value = RealBackend(server=server, emulator_url=url, work=self._base)

@@ -267,7 +267,9 @@ def test_cli_help_and_demo_run(tmp_path, prefect_db_template, capsys, monkeypatc
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     assert len(read_jsonl(out)) == sum(1 for _ in open(ROOT / "deployments/sample-requests.jsonl"))
     assert main(list(demo)) == 1  # the output exists: refused before any run
-    assert "already exists" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "already exists" in refused.err
+    assert "Using the embedded" not in refused.out  # nor was the emulator started
     json.loads(out.read_text().splitlines()[0])
 
 
