@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.flows.options import MAX_CONCURRENCY, Limits, RunOptions
-from prefect_kluster.tasks import storage
+from prefect_kluster.tasks import claims, storage
 from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.submit import (
     identity_key,
@@ -78,6 +78,15 @@ class ShardRun:
 
 
 def run_shards(
+    run: ShardRun, shards: list[Shard], round_no: int, known: list[BatchInfo]
+) -> tuple[list[ShardResult], list[BatchInfo], int]:
+    """See ``_run_shards``; the shards' claims are released in the background, and all of
+    them before this returns."""
+    with claims.releasing_in_background():
+        return _run_shards(run, shards, round_no, known)
+
+
+def _run_shards(
     run: ShardRun, shards: list[Shard], round_no: int, known: list[BatchInfo]
 ) -> tuple[list[ShardResult], list[BatchInfo], int]:
     """Take every shard of a round as far as it goes, at most ``max_concurrency`` batches

@@ -19,15 +19,17 @@ the next generation of the claim (again create-once, so one taker wins).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
+import logging
 import os
 import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,7 +37,7 @@ from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from prefect_kluster.tasks._prefect import prefect_client
+from prefect_kluster.tasks._prefect import busy_retried_request, prefect_client
 from prefect_kluster.tasks.retry import is_transient_error
 
 CLAIM_PREFIX = "kluster_claim_"
@@ -227,6 +229,7 @@ def acquire(key: str, on_wait: Callable[[Claim], None] | None = None) -> Claim:
     held = _Renewer.holding(key)
     if held is not None:
         return held
+    _Releaser.settle(key)  # this run's own release of it, if one is under way
     claim = _create(key, 0)  # the usual case: one call
     if claim is not None:
         return claim
@@ -256,16 +259,108 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_DELETING = threading.Lock()
+
+
 def _delete(name: str) -> None:
     def delete() -> None:
-        with prefect_client() as client:
-            try:
-                client.delete_variable_by_name(name)
-            except ObjectNotFound:
-                pass
+        # One at a time from this process: on SQLite, deletes sent together lock each other
+        # out (each reads, then writes) and most are answered 503.
+        with _DELETING:
+            response = busy_retried_request("DELETE", f"/variables/name/{name}")
+        if response.status_code != 404:  # 404: already gone
+            response.raise_for_status()
 
     _Renewer.stop(name)
     _patiently(delete)
+
+
+_IN_BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kluster_claims_in_background", default=False
+)
+
+
+class _Releaser:
+    """Deletes released claims one after another in a thread of its own, so a shard's submit
+    does not wait on the server for its claim to go (on SQLite, while many task runs write,
+    a delete can take seconds). Each deletion runs in the releasing task's context (its
+    Prefect server)."""
+
+    _cond = threading.Condition()
+    _queue: list[tuple[str, str, contextvars.Context]] = []  # key, claim name, context
+    _busy: list[str] = []  # keys queued or being deleted
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def put(cls, key: str, name: str) -> None:
+        _Renewer.stop(name)
+        with cls._cond:
+            cls._queue.append((key, name, contextvars.copy_context()))
+            cls._busy.append(key)
+            if cls._thread is None or not cls._thread.is_alive():
+                cls._thread = threading.Thread(
+                    target=cls._run, name="kluster-claim-release", daemon=True
+                )
+                cls._thread.start()
+
+    @classmethod
+    def settle(cls, key: str | None = None, timeout: float | None = None) -> bool:
+        """Wait until no deletion (of ``key``, or of any claim) is queued or under way."""
+        with cls._cond:
+            return cls._cond.wait_for(
+                lambda: not cls._busy if key is None else key not in cls._busy, timeout
+            )
+
+    @classmethod
+    def abandon(cls) -> list[str]:
+        """Drop the deletions not yet started (the server is gone, or too slow)."""
+        with cls._cond:
+            dropped = [name for _, name, _ in cls._queue]
+            for key, _, _ in cls._queue:
+                cls._busy.remove(key)
+            cls._queue.clear()
+            cls._cond.notify_all()
+            return dropped
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            with cls._cond:
+                if not cls._queue:
+                    cls._thread = None
+                    return
+                key, name, context = cls._queue.pop(0)
+            try:
+                context.run(_delete, name)
+            except Exception as exc:  # the claim's run will be over: the next run takes over
+                logging.getLogger(__name__).warning(
+                    "Could not release claim %s (%s); it is taken over once this run ends",
+                    name,
+                    type(exc).__name__,
+                )
+            finally:
+                with cls._cond:
+                    cls._busy.remove(key)
+                    cls._cond.notify_all()
+
+
+@contextlib.contextmanager
+def releasing_in_background(timeout: float = 120.0) -> Iterator[None]:
+    """Within the block (and the task runs it submits), ``release`` hands each claim to a
+    background deleter; on the way out, waits for every release to be done (so none is
+    left to a server that the run's end may stop), giving up after ``timeout`` seconds."""
+    token = _IN_BACKGROUND.set(True)
+    try:
+        yield
+    finally:
+        _IN_BACKGROUND.reset(token)
+        if not _Releaser.settle(timeout=timeout):
+            dropped = _Releaser.abandon()
+            logging.getLogger(__name__).warning(
+                "%d claim(s) not released after %g s; they are taken over once this run ends",
+                len(dropped),
+                timeout,
+            )
 
 
 def release(key: str) -> None:
@@ -273,7 +368,10 @@ def release(key: str) -> None:
     run holds with one call, else every generation there is."""
     mine = _Renewer.holding(key)
     if mine is not None and mine.generation == 0:
-        _delete(mine.name)
+        if _IN_BACKGROUND.get():
+            _Releaser.put(key, mine.name)
+        else:
+            _delete(mine.name)
         return
     for claim in _claims(key):
         _delete(claim.name)

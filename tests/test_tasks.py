@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -269,3 +271,100 @@ def test_submit_releases_the_shard_claim_once_the_batch_is_recorded(tmp_path, cr
     assert after is None  # no longer held (or renewed) once the batch is recorded
     assert batch.metadata["kluster_shard_sha256"] == shard.sha256
     wait_until(lambda: not claims._claims(key), timeout=30)  # deleted on the server
+
+
+def test_claims_released_in_the_background_are_all_gone_when_the_block_ends(tmp_path, credentials):
+    """Within ``releasing_in_background`` (as a run's shards are), submit hands its claim
+    to the background deleter: not held after submit, and gone from the server as soon as
+    the block ends, with no waiting by the caller."""
+    from prefect_kluster.tasks import claims
+    from prefect_kluster.tasks.build import shard_request_file
+    from prefect_kluster.tasks.submit import identity_key, shard_identity, submit_shard
+    from prefect_kluster.tasks.upload import upload_shard
+
+    source = write_jsonl(tmp_path / "r.jsonl", requests(6, prefix="bg-claim-"))
+    shards = shard_request_file(source, tmp_path / "shards", max_requests_per_file=2)
+    nonce = f"bg-claims-{time.time_ns()}"
+    keys = [identity_key(shard_identity(s, nonce=nonce)) for s in shards]
+    state_dir = str(tmp_path / "state")
+
+    @flow
+    def three_shards():
+        held_after = []
+        with claims.releasing_in_background():
+            for shard in shards:
+                identity = shard_identity(shard, nonce=nonce)
+                uploaded = upload_shard(credentials, shard, identity, state_dir)
+                submit_shard(credentials, uploaded, state_dir)
+                held_after.append(claims._Renewer.holding(identity_key(identity)))
+        return held_after, [claims._claims(k) for k in keys]
+
+    held_after, left_on_server = three_shards()
+    assert len(shards) == 3 and held_after == [None, None, None]
+    assert left_on_server == [[], [], []]  # the block's end waited for every release
+
+
+@contextlib.contextmanager
+def fake_prefect_api(answer):
+    """A Prefect API URL on 127.0.0.1 whose DELETEs ``answer(path)`` returns the status of;
+    yields the paths asked for."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_DELETE(self):  # noqa: N802
+            seen.append(self.path)
+            self.send_response(answer(self.path))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/api"
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_background_releases_give_up_after_the_timeout(caplog):
+    """A server too slow to answer does not hold the run's end past the release timeout:
+    the releases not yet started are dropped (their claims are taken over later)."""
+    from prefect_kluster.tasks import claims
+
+    def slow(path: str) -> int:
+        time.sleep(3)
+        return 204
+
+    with fake_prefect_api(slow) as seen:
+        began = time.monotonic()
+        with claims.releasing_in_background(timeout=1.0):
+            for n in range(3):  # the first is under way (3 s), two wait behind it
+                claims._Releaser.put(f"slow-server-{n}", f"kluster_claim_slow_{n}")
+        took = time.monotonic() - began
+        assert claims._Releaser.settle(timeout=30)  # the one under way still ends
+    assert took < 2.5, f"the block held {took:.1f} s"
+    assert "2 claim(s) not released after 1 s" in caplog.text
+    assert seen == ["/api/variables/name/kluster_claim_slow_0"]
+
+
+def test_busy_prefect_server_answers_are_retried_within_milliseconds():
+    """Prefect's client sleeps 2 s, then 4 s, ... after each 503; a claim release must not
+    (on SQLite, deletes meet 'database is locked' often while task runs write)."""
+    from prefect_kluster.tasks._prefect import busy_retried_request
+
+    with fake_prefect_api(lambda path: 503 if len(seen) <= 3 else 204) as seen:
+        began = time.monotonic()
+        response = busy_retried_request("DELETE", "/variables/name/kluster_claim_x_0")
+        took = time.monotonic() - began
+    assert response.status_code == 204
+    assert seen == ["/api/variables/name/kluster_claim_x_0"] * 4
+    assert took < 1.5, f"{took:.2f} s for three busy answers"  # Prefect's own: 2 + 4 + 8 s
