@@ -30,7 +30,7 @@ from prefect_kluster.tasks.submit import (
 )
 from prefect_kluster.tasks.types import BatchInfo, Shard
 from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
-from prefect_kluster.tasks.wait import wait_for_batch
+from prefect_kluster.tasks.wait import stop_waiting, wait_for_batch
 
 # A shard in flight holds up to five task threads (upload, submit, clean-up, wait, download:
 # a task waits for its inputs in its own thread), so the flows' task runners are sized for
@@ -80,10 +80,15 @@ class ShardRun:
 def run_shards(
     run: ShardRun, shards: list[Shard], round_no: int, known: list[BatchInfo]
 ) -> tuple[list[ShardResult], list[BatchInfo], int]:
-    """See ``_run_shards``; the shards' claims are released in the background, and all of
-    them before this returns."""
-    with claims.releasing_in_background():
-        return _run_shards(run, shards, round_no, known)
+    """See ``_run_shards``. The shards' claims are released in the background, and all of
+    them before this returns. If it ends early (cancelled, or a shard failed), the threads
+    still waiting on batches stop, so they do not hold the run's process open."""
+    try:
+        with claims.releasing_in_background():
+            return _run_shards(run, shards, round_no, known)
+    except BaseException:
+        stop_waiting()
+        raise
 
 
 def _run_shards(

@@ -36,10 +36,16 @@ from prefect_kluster.tasks.upload import (
     upload_file,
     upload_shard,
 )
-from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_batch, wait_for_batch
+from prefect_kluster.tasks.wait import (
+    BatchWaitAborted,
+    BatchWaitTimeout,
+    poll_batch,
+    wait_for_batch,
+)
 
 __all__ = [
     "BatchInfo",
+    "BatchWaitAborted",
     "BatchWaitTimeout",
     "FileLimitError",
     "JoinSummary",

@@ -111,12 +111,18 @@ LIST_PAGE = 100
 MAX_LIST_PAGES = 3
 
 
+class BatchWaitAborted(RuntimeError):
+    """The run stopped waiting for the batch (it is ending: cancelled, or another shard
+    failed); the batch itself is left as it is."""
+
+
 class _Waiter:
-    __slots__ = ("batch", "done")
+    __slots__ = ("batch", "done", "aborted")
 
     def __init__(self) -> None:
         self.batch: BatchInfo | None = None
         self.done = threading.Event()
+        self.aborted = False
 
 
 class RunWatch:
@@ -153,8 +159,29 @@ class RunWatch:
                 watch = cls._watches[key] = cls(credentials, poll_interval, max_poll)
             return watch
 
+    @classmethod
+    def abort_run(cls, run_key: str) -> int:
+        """Wake every thread waiting on a batch of the run with ``BatchWaitAborted``: the run
+        is ending, and its task threads must not keep it alive until its batches end (a
+        cancelled run's process would wait for them, until it is killed). Returns how many
+        waits were stopped."""
+        with cls._lock:
+            watches = [w for (key, _), w in cls._watches.items() if key == run_key]
+        stopped = 0
+        for watch in watches:
+            with watch.lock:
+                waiters = [w for ws in watch.waiting.values() for w in ws]
+                watch.waiting.clear()
+            for waiter in waiters:
+                waiter.aborted = True
+                waiter.done.set()
+            watch.wake.set()  # its loop sees nothing left to watch and ends
+            stopped += len(waiters)
+        return stopped
+
     def wait(self, batch_id: str, timeout: float | None) -> BatchInfo:
-        """Block until the batch ends (or ``timeout`` runs out: ``BatchWaitTimeout``)."""
+        """Block until the batch ends (or ``timeout`` runs out: ``BatchWaitTimeout``; or the
+        run stops waiting: ``BatchWaitAborted``)."""
         waiter = _Waiter()
         with self.lock:
             self.waiting.setdefault(batch_id, []).append(waiter)
@@ -165,7 +192,9 @@ class RunWatch:
                 )
                 self.thread.start()
         self.wake.set()  # a new batch is looked at now, not after a long pause
-        if waiter.done.wait(timeout) and waiter.batch is not None:
+        if waiter.done.wait(timeout) and waiter.aborted:
+            raise BatchWaitAborted(f"stopped waiting for batch {batch_id}: the run is ending")
+        if waiter.batch is not None:
             return waiter.batch
         with self.lock:
             waiters = self.waiting.get(batch_id, [])
@@ -243,6 +272,14 @@ class RunWatch:
                     if self.wake.wait(left):
                         self.wake.clear()
                         deadline = min(deadline, polled_at + self.first_pause)
+
+
+def stop_waiting() -> int:
+    """Stop the current flow run's waits on its batches (see ``RunWatch.abort_run``)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return 0
+    return RunWatch.abort_run(str(ctx.flow_run.id))
 
 
 def _logger() -> Any:

@@ -94,6 +94,41 @@ def test_wait_timeout_names_the_batch(credentials, emulator, tmp_path):
         run_task(wait_for_batch, credentials, batch.id, poll_interval=0.05, timeout=0.5)
 
 
+def test_a_run_that_ends_stops_its_waits_at_once(credentials, emulator, tmp_path):
+    """A run that ends early (cancelled, or a shard failed) wakes its task threads still
+    waiting on batches: they fail with BatchWaitAborted (not retried), so the run's process
+    can exit instead of waiting for batches that run for hours. The batch is left as it is."""
+    from prefect.context import FlowRunContext
+
+    from prefect_kluster.tasks.wait import BatchWaitAborted, RunWatch, stop_waiting
+
+    emulator.configure(lines_per_second=1e-6)  # held: it would never end during the test
+    file_id = run_task(
+        upload_file, credentials, str(write_jsonl(tmp_path / "r.jsonl", requests(2)))
+    )
+    batch = run_task(submit_batch, credentials, file_id)
+
+    @flow
+    def ends_while_waiting():
+        future = wait_for_batch.submit(credentials, batch.id, poll_interval=0.05)
+        run_key = str(FlowRunContext.get().flow_run.id)
+        wait_until(
+            lambda: any(w.waiting for (k, _), w in RunWatch._watches.items() if k == run_key),
+            timeout=60,
+        )
+        began = time.monotonic()
+        stopped = stop_waiting()
+        future.wait(30)
+        return stopped, time.monotonic() - began, future.state
+
+    stopped, took, state = ends_while_waiting(return_state=True).result()
+    assert stopped == 1 and state.is_failed(), state
+    assert took < 10, f"{took:.1f} s to stop waiting"
+    with pytest.raises(BatchWaitAborted, match=batch.id):
+        state.result()
+    assert emulator.stats()["batches"][0]["status"] == "in_progress"  # left running
+
+
 RETRIEVE = "GET /v1/batches/{id}"
 
 
