@@ -74,6 +74,7 @@ from prefect_kluster.tasks._prefect import prefect_client
 from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import find_existing_batches, identity_key, shard_identity
 from prefect_kluster.tasks.types import BatchInfo, Shard
+from prefect_kluster.tasks.wait import run_is_ending, stop_waiting
 
 SHARD_GROUP_FLOW = "kluster-shard-group"
 SHARD_GROUP_DEPLOYMENT = f"{SHARD_GROUP_FLOW}/kluster-shard-group"
@@ -209,12 +210,23 @@ def shard_group(
         with concurrency(
             name, occupy=1, timeout_seconds=state.remaining(), lease_duration=LEASE_SECONDS
         ):
+            if run_is_ending():  # cancelled while this shard waited for a slot
+                raise ShardGroupError(f"group {group} is ending; shard {shard.index} not started")
             return run_shards(state, [shard], round_no, known)[0]
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard") as pool:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard")
+    try:
         # Task submissions need the flow run's context: each thread gets its own copy.
         futures = [pool.submit(contextvars.copy_context().run, one, s) for s in shards]
         results = [r for f in futures for r in f.result()]
+    except BaseException:
+        # Cancelled (SIGTERM lands in this thread) or a shard failed: start no other shard
+        # and wake the shard threads waiting on batches, so the process can exit now.
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_waiting()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     body = json.dumps([r.model_dump(mode="json") for r in results]).encode()
     storage.create_once(result_path, body)  # write-once: a racing twin wrote the same
     logger.info(

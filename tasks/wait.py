@@ -130,10 +130,16 @@ class RunWatch:
 
     _lock = threading.Lock()
     _watches: dict[tuple[str, str], RunWatch] = {}
+    _ended: set[str] = set()  # runs that stopped waiting: a wait they start fails at once
 
     def __init__(
-        self, credentials: KlusterCredentials, poll_interval: float, max_poll: float | None
+        self,
+        credentials: KlusterCredentials,
+        poll_interval: float,
+        max_poll: float | None,
+        run_key: str = "",
     ):
+        self.run_key = run_key
         self.credentials = credentials
         self.first_pause, self.longest_pause = poll_pauses(poll_interval, max_poll)
         self.lock = threading.Lock()
@@ -156,7 +162,7 @@ class RunWatch:
         with cls._lock:
             watch = cls._watches.get(key)
             if watch is None:
-                watch = cls._watches[key] = cls(credentials, poll_interval, max_poll)
+                watch = cls._watches[key] = cls(credentials, poll_interval, max_poll, run_key)
             return watch
 
     @classmethod
@@ -166,6 +172,7 @@ class RunWatch:
         cancelled run's process would wait for them, until it is killed). Returns how many
         waits were stopped."""
         with cls._lock:
+            cls._ended.add(run_key)
             watches = [w for (key, _), w in cls._watches.items() if key == run_key]
         stopped = 0
         for watch in watches:
@@ -184,6 +191,8 @@ class RunWatch:
         run stops waiting: ``BatchWaitAborted``)."""
         waiter = _Waiter()
         with self.lock:
+            if self.run_key in RunWatch._ended:
+                raise BatchWaitAborted(f"not waiting for batch {batch_id}: the run is ending")
             self.waiting.setdefault(batch_id, []).append(waiter)
             if self.thread is None or not self.thread.is_alive():
                 context = contextvars.copy_context()  # the run's, for logs and artifacts
@@ -274,12 +283,22 @@ class RunWatch:
                         deadline = min(deadline, polled_at + self.first_pause)
 
 
-def stop_waiting() -> int:
-    """Stop the current flow run's waits on its batches (see ``RunWatch.abort_run``)."""
+def _run_key() -> str | None:
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return 0
-    return RunWatch.abort_run(str(ctx.flow_run.id))
+    return None if ctx is None or ctx.flow_run is None else str(ctx.flow_run.id)
+
+
+def stop_waiting() -> int:
+    """Stop the current flow run's waits on its batches, and any it starts later (see
+    ``RunWatch.abort_run``)."""
+    run_key = _run_key()
+    return 0 if run_key is None else RunWatch.abort_run(run_key)
+
+
+def run_is_ending() -> bool:
+    """True once ``stop_waiting`` was called in this flow run: start no new shard."""
+    run_key = _run_key()
+    return run_key is not None and run_key in RunWatch._ended
 
 
 def _logger() -> Any:

@@ -100,7 +100,12 @@ def test_a_run_that_ends_stops_its_waits_at_once(credentials, emulator, tmp_path
     can exit instead of waiting for batches that run for hours. The batch is left as it is."""
     from prefect.context import FlowRunContext
 
-    from prefect_kluster.tasks.wait import BatchWaitAborted, RunWatch, stop_waiting
+    from prefect_kluster.tasks.wait import (
+        BatchWaitAborted,
+        RunWatch,
+        run_is_ending,
+        stop_waiting,
+    )
 
     emulator.configure(lines_per_second=1e-6)  # held: it would never end during the test
     file_id = run_task(
@@ -117,15 +122,22 @@ def test_a_run_that_ends_stops_its_waits_at_once(credentials, emulator, tmp_path
             timeout=60,
         )
         began = time.monotonic()
+        assert not run_is_ending()
         stopped = stop_waiting()
         future.wait(30)
-        return stopped, time.monotonic() - began, future.state
+        took = time.monotonic() - began
+        late = wait_for_batch.submit(credentials, batch.id, poll_interval=0.05)  # after the end
+        late.wait(30)
+        return stopped, took, future.state, late.state, run_is_ending()
 
-    stopped, took, state = ends_while_waiting(return_state=True).result()
+    stopped, took, state, late, ending = ends_while_waiting(return_state=True).result()
     assert stopped == 1 and state.is_failed(), state
     assert took < 10, f"{took:.1f} s to stop waiting"
     with pytest.raises(BatchWaitAborted, match=batch.id):
         state.result()
+    assert ending and late.is_failed(), late  # a wait started once the run is ending
+    with pytest.raises(BatchWaitAborted, match="not waiting"):
+        late.result()
     assert emulator.stats()["batches"][0]["status"] == "in_progress"  # left running
 
 
