@@ -83,12 +83,12 @@ def run_shards(
     """See ``_run_shards``. The shards' claims are released in the background, and all of
     them before this returns. If it ends early (cancelled, or a shard failed), the threads
     still waiting on batches stop, so they do not hold the run's process open."""
-    try:
-        with claims.releasing_in_background():
+    with claims.releasing_in_background():
+        try:
             return _run_shards(run, shards, round_no, known)
-    except BaseException:
-        stop_waiting()
-        raise
+        except BaseException:
+            stop_waiting()  # before the releases are waited for, not after
+            raise
 
 
 def _run_shards(

@@ -322,11 +322,9 @@ def wait_for_batch(
     ``max_poll_interval`` while it does not (see the module's note). In a flow run, one
     loop polls every batch the run waits on."""
     batch_id = batch if isinstance(batch, str) else batch.id
-    ctx = FlowRunContext.get()
-    if ctx is not None and ctx.flow_run is not None:
-        watch = RunWatch.for_run(
-            str(ctx.flow_run.id), credentials, poll_interval, max_poll_interval
-        )
+    run_key = _run_key()
+    if run_key is not None:
+        watch = RunWatch.for_run(run_key, credentials, poll_interval, max_poll_interval)
         final = watch.wait(batch_id, timeout)
         announce_batch(final, final.status)
         return final
