@@ -1,6 +1,8 @@
 """Prefect flows for kluster.ai batch inference."""
 
 if __name__ != "flows":  # as `flows`, the checkout's folder only runs `python -m flows.<x>`
+    # First: every synchronous flow run in the process returns when its body does.
+    from prefect_kluster.flows import _heartbeats  # noqa: F401
     from prefect_kluster.flows.batch_inference import (
         BatchRunError,
         BatchRunResult,

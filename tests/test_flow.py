@@ -376,3 +376,55 @@ def test_every_parameter_is_typed_and_described_for_the_ui_form(ui_flow):
         assert prop.get("description", "").strip(), f"{ui_flow.name}.{name} has no description"
         assert "type" in prop or "anyOf" in prop or "$ref" in prop, f"{ui_flow.name}.{name}"
     assert "api_key" not in schema["properties"], "credentials are never parameters"
+
+
+class _HeartbeatEngine:
+    """What Prefect's flow-run heartbeat context uses of an engine; it counts the beats."""
+
+    heartbeat_seconds = 30
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.beat = threading.Event()
+        self.beats = 0
+        self.flow_run = SimpleNamespace(state=SimpleNamespace(is_final=lambda: False))
+        self.logger = logging.getLogger("tests.heartbeats")
+
+    def _build_heartbeat_event_template(self) -> tuple[dict, list]:
+        return {}, []
+
+    def _emit_flow_run_heartbeat(self, resource: dict, related: list) -> None:
+        self.beats += 1
+        self.beat.set()
+
+
+def _seconds_to_leave(send_heartbeats) -> tuple[float, int]:
+    """How long leaving the heartbeat context takes right after the first beat, and how
+    many beats were sent."""
+    engine = _HeartbeatEngine()
+    context = send_heartbeats(engine)
+    context.__enter__()
+    try:
+        assert engine.beat.wait(30), "no heartbeat was sent"
+    finally:
+        started = time.monotonic()
+        context.__exit__(None, None, None)
+    return time.monotonic() - started, engine.beats
+
+
+def test_a_flow_run_returns_without_waiting_for_its_heartbeat_thread():
+    """Prefect's synchronous engine joins its heartbeat thread, which sleeps in one-second
+    steps: each flow call returned up to a second after its body. Wrapped (when
+    prefect_kluster.flows is imported), the run's heartbeat context is left at once, and the
+    beat is still sent."""
+    import prefect.flow_engine as flow_engine
+
+    from prefect_kluster.flows import _heartbeats
+
+    assert _heartbeats.install() and _heartbeats.PREFECT_SEND_HEARTBEATS is not None
+    assert flow_engine._send_heartbeats is not _heartbeats.PREFECT_SEND_HEARTBEATS
+    waited, beats = _seconds_to_leave(_heartbeats.PREFECT_SEND_HEARTBEATS)
+    assert waited > 0.5 and beats == 1, "Prefect's own context waits for the thread's sleep"
+    left, beats = _seconds_to_leave(flow_engine._send_heartbeats)
+    assert left < 0.5 and beats == 1, f"left after {left:.2f} s"
