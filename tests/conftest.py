@@ -113,6 +113,28 @@ _SLOWEST_MODULES = (
 )
 
 
+# Modules that use the session's real server and emulator (``real_backend``) run on one xdist
+# worker, one after the other: the real processes start once per pytest run, not once per
+# worker, and the two modules, which each delete the other's deployments, never overlap.
+_SAME_WORKER_AS = {"test_ui_browser.py": "test_deployments.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadfile`` with the modules of ``_SAME_WORKER_AS`` in one work unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedBackendScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            folder, _, name = scope.rpartition("/")
+            alias = _SAME_WORKER_AS.get(name)
+            return scope if alias is None else f"{folder}/{alias}" if folder else alias
+
+    return SharedBackendScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(_SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
