@@ -30,8 +30,10 @@ def prefect_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.server import migrated_sqlite_template
+    from tests.server import VENV_TEMPLATE, migrated_sqlite_template
 
+    if VENV_TEMPLATE.is_file():  # made by `make test`, once per virtual environment
+        return VENV_TEMPLATE
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # pytest-N/, the parent of every worker's popen-gwN/
@@ -144,11 +146,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def prefect_backend(_real_backend_starter: object) -> Iterator[None]:
     """Flows in tests run against a throwaway SQLite-backed Prefect server.
 
-    It migrates its own new database, not a copy of ``prefect_db_template``: both xdist
-    workers start one at once, and waiting for the template first (made by one process,
-    13-20 s) then starting on copies made the session start 14 s later (35 s, not 21 s)."""
+    It starts on a copy of the migrated database `make test` made for the virtual
+    environment. Without one, it migrates its own new database, not a copy of
+    ``prefect_db_template``: both xdist workers start one at once, and waiting for the
+    template first (made by one process, 13-20 s) then starting on copies made the session
+    start 14 s later (35 s, not 21 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from tests.server import VENV_TEMPLATE, prefect_test_harness_on
+
+    if VENV_TEMPLATE.is_file():
+        with prefect_test_harness_on(VENV_TEMPLATE, 240):
+            yield
+        return
     with prefect_test_harness(server_startup_timeout=240):
         yield
 

@@ -182,6 +182,11 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+# Made by `make test` once per virtual environment (``python -m tests.server template``):
+# a pytest run then migrates no database of its own.
+VENV_TEMPLATE = Path(sys.prefix) / "prefect-migrated-template.db"
+
+
 def migrated_sqlite_template(shared_dir: Path, timeout: float = SERVER_START_TIMEOUT) -> Path:
     """A SQLite database migrated to this Prefect's schema, made once in ``shared_dir``.
 
@@ -218,6 +223,31 @@ def migrated_sqlite_template(shared_dir: Path, timeout: float = SERVER_START_TIM
             dst.close()
         os.replace(partial, template)
         return template
+
+
+@contextmanager
+def prefect_test_harness_on(
+    template: Path, timeout: int = int(SERVER_START_TIMEOUT)
+) -> Iterator[None]:
+    """Prefect's own test harness, its temporary server started on a copy of ``template``
+    (already migrated) instead of a new SQLite file it would migrate first: the harness
+    puts its database in a new ``mkdtemp()`` folder, which gets the copy."""
+    import shutil
+    import tempfile
+    from unittest import mock
+
+    import prefect.testing.utilities as testing
+
+    def folder_with_copy() -> str:
+        folder = tempfile.mkdtemp(prefix="prefect-harness-")
+        shutil.copyfile(template, Path(folder) / "prefect-test.db")
+        return folder
+
+    with (
+        mock.patch.object(testing, "mkdtemp", folder_with_copy),
+        testing.prefect_test_harness(server_startup_timeout=timeout),
+    ):
+        yield
 
 
 def copy_of(template: Path, path: Path) -> str:
@@ -457,3 +487,14 @@ def create_process_pool(name: str) -> None:
         client.create_work_pool(
             WorkPoolCreate(name=name, type="process", base_job_template=template), overwrite=True
         )
+
+
+if __name__ == "__main__":  # `python -m tests.server template`: what `make test` runs first
+    if sys.argv[1:] != ["template"]:
+        raise SystemExit("usage: python -m tests.server template")
+    import shutil
+
+    VENV_TEMPLATE.unlink(missing_ok=True)
+    made = migrated_sqlite_template(VENV_TEMPLATE.parent)
+    shutil.rmtree(VENV_TEMPLATE.parent / "prefect-migrated-template.work", ignore_errors=True)
+    print(f"Prefect's database schema, migrated once for the tests: {made}")
