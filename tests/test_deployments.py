@@ -72,11 +72,7 @@ def stack(real_backend: RealBackend) -> Iterator[Stack]:
         stack.enter_context(prefect_api(server.api_url))
         delete_deployments()  # whatever another module served on the shared server
         create_process_pool("kluster-pool")
-        run_cli(
-            ["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
-            env,
-            timeout=300,
-        )
+        # The worker boots (a Prefect import, seconds) while `prefect deploy` runs.
         stack.enter_context(
             process(
                 "worker",
@@ -84,6 +80,11 @@ def stack(real_backend: RealBackend) -> Iterator[Stack]:
                 env,
                 server.log_dir,
             )
+        )
+        run_cli(
+            ["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
+            env,
+            timeout=300,
         )
         pause_deployment(f"{BATCH_FLOW}/kluster-batch-nightly")  # no 02:00 surprise
         pause_deployment(f"{COLLECT_FLOW}/kluster-collect-batches")  # the test collects itself
