@@ -98,13 +98,13 @@ class _OnFirstUse:
 # take modules in this order: the long ones start at once instead of ending the run alone.
 _SLOWEST_MODULES = (
     "test_fanout.py",
+    "test_deployments.py",  # with test_ui_browser.py, on the same worker (see below)
     "test_production.py",
-    "test_bench_smoke.py",
     "test_long_wait.py",
-    "test_deployments.py",
-    "test_production_infra.py",
-    "test_flow.py",
     "test_resilience.py",
+    "test_flow.py",
+    "test_bench_smoke.py",
+    "test_production_infra.py",
     "test_storage.py",
     "test_cost_flow.py",
     "test_tasks.py",
