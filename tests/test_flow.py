@@ -262,6 +262,7 @@ def test_cli_help_and_demo_run(tmp_path, prefect_db_template, capsys, monkeypatc
     run = _cli(*demo, env={**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": db})
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"Results: {out}" in run.stdout
+    assert ", cost $0." in run.stdout  # the closing summary gives what the run cost
     # `-m flows.batch_inference` must not find the module imported already by `flows`.
     assert "RuntimeWarning" not in run.stderr, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
