@@ -243,10 +243,9 @@ def prefect_test_harness_on(
         shutil.copyfile(template, Path(folder) / "prefect-test.db")
         return folder
 
-    with (
-        mock.patch.object(testing, "mkdtemp", folder_with_copy),
-        testing.prefect_test_harness(server_startup_timeout=timeout),
-    ):
+    with ExitStack() as stack:
+        with mock.patch.object(testing, "mkdtemp", folder_with_copy):  # while it starts only
+            stack.enter_context(testing.prefect_test_harness(server_startup_timeout=timeout))
         yield
 
 
