@@ -180,10 +180,8 @@ KILL_POINT_TIMEOUT = 240  # seconds for the flow process to start and reach the 
 
 
 def _flow_args(src: Path, out: Path) -> list[str]:
-    return [str(src), "--output", str(out), "--poll-interval", "0.1"] + [
-        "--max-requests-per-file",
-        "150",
-    ]
+    options = ["--output", str(out), "--poll-interval", "0.1", "--max-requests-per-file", "150"]
+    return [str(src), *options]
 
 
 def _flow_cmd(src: Path, out: Path) -> list[str]:
