@@ -187,9 +187,19 @@ def test_run_kluster_batch_job_flow(tmp_path, emulator, credentials):
     rows = state.result()
     assert sorted(r["custom_id"] for r in rows) == sorted(ids)
     flow_run_id = state.state_details.flow_run_id
+    from tests.server import wait_for
+
+    def recorded() -> list | None:
+        # The server records task runs from their events, after the flow call has returned.
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        return (
+            runs if len(runs) >= 3 and all(t.state and t.state.is_final() for t in runs) else None
+        )
+
+    task_runs = wait_for(recorded, 60, f"the task runs of flow run {flow_run_id}", 0.1)
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
     # One task run per step, however many polls the wait took.
     assert sorted(t.name.rsplit("-", 1)[0] for t in task_runs) == [
         "fetch-kluster-batch-job-result",
