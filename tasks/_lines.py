@@ -17,6 +17,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterator
+from operator import sub
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ from prefect_kluster.tasks.schema import (
     custom_id_decoder,
     joined_encoder,
     raw_request_decoder,
+    raw_result_decoder,
     request_decoder,
     result_decoder,
 )
@@ -62,6 +64,8 @@ _NO_TOKENS = (0, 0, 0)
 # Token counts are kept in 32 bits a line (12 MB less per million results than 64); a count
 # beyond this (no model has such a context) is clamped to it rather than failing the join.
 _TOKEN_CAP = (1 << 31) - 1
+# The first byte of a raw JSON string or null.
+_STR_OR_NULL = (ord('"'), ord("n"))
 
 
 def is_transient_failure(line: JoinedLine) -> bool:
@@ -428,7 +432,8 @@ def unpack_checked(blob: bytes, estimating: bool) -> tuple[list[bytes], BlockCos
 
 class JoinedBlock:
     """The join's first pass over a block of result lines: their joined lines (each ending
-    with a newline; a line that does not decode is kept as it is, kind UNREAD) and, per
+    with a newline; a line that does not decode is kept as it is, kind UNREAD; an answer's
+    content copied as the raw JSON string the service wrote, see ``RawResultLine``) and, per
     line, the JSON custom_id, the kind, three token counts, the joined line's length and a
     model code: an index into ``models`` (the block's own table of model names) for an ok
     line that reports its model and usage, else -1. Blank lines are skipped."""
@@ -436,35 +441,53 @@ class JoinedBlock:
     __slots__ = ("data", "ids", "kinds", "tokens", "lengths", "start", "models", "codes")
 
     def __init__(self, lines: list[bytes]):
-        decode = result_decoder.decode
-        encode = joined_encoder.encode
+        decode = raw_result_decoder.decode
+        strict = result_decoder.decode
         encode_id = msgspec.json.encode
-        out: list[bytes] = []
-        ids: list[bytes] = []
+        encode_into = joined_encoder.encode_into
+        out = bytearray()
+        ends = array("q")  # where each joined line ends in ``out``
+        ids: list[str] = []
         kinds = bytearray()
         tokens = array("i")  # a line's counts fit 32 bits (see _TOKEN_CAP)
         codes = array("i")
         table: dict[str, int] = {}
-        add, add_id, add_kind, add_tokens = out.append, ids.append, kinds.append, tokens.extend
+        add_end, add_id, add_kind, add_tokens = ends.append, ids.append, kinds.append, tokens.extend
         add_code = codes.append
         for line in lines:
             try:
                 result = decode(line)
+                response = result.response
+                body = response.body if response is not None else None
+                if body is not None:
+                    for choice in body.choices:
+                        message = choice.message
+                        # a content that is not a string or null: let the typed decoder
+                        # refuse the line, as it always did
+                        if (
+                            message is not None
+                            and memoryview(message.content)[0] not in _STR_OR_NULL
+                        ):
+                            strict(line)
             except msgspec.MsgspecError:
                 if not line.strip():
                     continue
                 # A line without a custom_id fails the join here; one that is otherwise
                 # malformed fails it only if its request needs it.
-                add_id(encode_id(custom_id_decoder.decode(line).custom_id))
-                add(line + b"\n")
+                add_id(custom_id_decoder.decode(line).custom_id)
+                out += line
+                out.append(10)
+                add_end(len(out))
                 add_kind(UNREAD)
                 add_tokens(_NO_TOKENS)
                 add_code(-1)
                 continue
             custom_id = result.custom_id
             joined = to_joined(custom_id, result)
-            add(encode(joined) + b"\n")
-            add_id(encode_id(custom_id))
+            encode_into(joined, out, -1)
+            out.append(10)
+            add_end(len(out))
+            add_id(custom_id)
             if joined.status == "ok":
                 add_kind(OK)
                 usage = joined.usage
@@ -489,11 +512,11 @@ class JoinedBlock:
                 add_kind(TRANSIENT if is_transient_failure(joined) else FAILED)
                 add_tokens(_NO_TOKENS)
                 add_code(-1)
-        self.data = b"".join(out)
-        self.ids = ids
+        self.data = bytes(out)
+        self.ids = list(map(encode_id, ids))
         self.kinds = bytes(kinds)
         self.tokens = tokens
-        self.lengths = array("q", map(len, out))
+        self.lengths = array("q", map(sub, ends, [0, *ends[:-1]]))
         self.models = list(table)
         self.codes = codes
         self.start = 0  # where the caller put ``data``

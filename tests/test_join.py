@@ -106,6 +106,10 @@ def test_later_result_files_win(tmp_path):
 
 
 BAD_RESULT = {"custom_id": "b", "response": {"status_code": 200, "body": {"choices": "x"}}}
+# The join copies each answer's content as raw JSON; a content that is not a string is
+# still refused as the typed decoder refuses it.
+NUMBER_CONTENT = ok_line("b")
+NUMBER_CONTENT["response"]["body"]["choices"][0]["message"]["content"] = 42
 
 
 @pytest.mark.parametrize(
@@ -119,8 +123,13 @@ BAD_RESULT = {"custom_id": "b", "response": {"status_code": 200, "body": {"choic
             "not a result line: Object missing required field",
         ),
         ([BAD_RESULT], 2, "the result for custom_id 'b' cannot be read: Expected `array`"),
+        (
+            [NUMBER_CONTENT],
+            2,
+            "the result for custom_id 'b' cannot be read: Expected `str | null`, got `int`",
+        ),
     ],
-    ids=["broken-json", "no-custom_id", "bad-result-shape"],
+    ids=["broken-json", "no-custom_id", "bad-result-shape", "content-not-a-string"],
 )
 def test_unreadable_result_lines_name_the_file_and_line(tmp_path, middle, line, reason):
     shards = make_shards(tmp_path, ["a", "b", "c"])
@@ -131,6 +140,29 @@ def test_unreadable_result_lines_name_the_file_and_line(tmp_path, middle, line, 
     assert (err.value.path, err.value.line) == (str(res), line), str(err.value)
     assert reason in str(err.value) and str(err.value).startswith(f"{res}, line {line}: ")
     assert not target.exists() and not list(tmp_path.glob("j.jsonl*"))
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_answers_are_copied_exactly_whatever_their_escapes(tmp_path, monkeypatch, helper):
+    """Contents are copied as the service wrote them: escaped or raw UTF-8, quotes,
+    backslashes, control characters, astral characters and null all read back the same."""
+    if helper:  # the helper process joins some blocks: the same bytes either way
+        monkeypatch.setattr("prefect_kluster.tasks._lines.Helper.MIN_BYTES", 0)
+        monkeypatch.setattr("prefect_kluster.tasks._lines.BLOCK_BYTES", 512)
+    texts = ["Grüße, 世界", 'say "hi" \\ back', "tab\there\nnewline\x01", "\U0001f600 ok", "", None]
+    ids = [f"c{i}" for i in range(2 * len(texts))]
+    shards = make_shards(tmp_path, ids, cap=100)
+    lines = []
+    for i, custom_id in enumerate(ids):
+        line = ok_line(custom_id, texts[i % len(texts)])
+        # half as json.dumps writes by default (\u escapes), half as raw UTF-8
+        lines.append(json.dumps(line, ensure_ascii=i % 2 == 0).encode())
+    res = tmp_path / "r.jsonl"
+    res.write_bytes(b"\n".join(lines) + b"\n")
+    join_result_files(shards, [str(res)], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["content"] for r in rows] == [texts[i % len(texts)] for i in range(len(ids))]
+    assert all(r["status"] == "ok" for r in rows)
 
 
 def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
