@@ -2,8 +2,9 @@
 
 Inside a flow run, every batch the run waits on is polled by one loop (``RunWatch``): one
 list call a cycle reads all their statuses (a retrieve only for a batch the list did not
-return), and the run's progress is reported once a cycle. A 50-shard run queued for an
-hour makes one call a cycle, not fifty.
+return), and the run's progress is reported at most once a cycle, and while only counts
+move at most once every ``REPORT_EVERY`` seconds. A 50-shard run queued for an hour makes
+one call a cycle, not fifty.
 
 Polling is adaptive: while the status and counts stay the same (a batch queued for hours
 in pre_schedule, say) the pause grows by half each time, up to ``max_poll_interval``; the
@@ -109,6 +110,11 @@ def poll_batch(
 
 LIST_PAGE = 100
 MAX_LIST_PAGES = 3
+# While only request counts move, the run's progress (a log line a batch and the progress
+# artifact) is reported at most this often, whatever the poll interval: a run polled every
+# 0.2 s to notice its end at once made five Prefect API calls a second that no one reads.
+# A new status (validating, in_progress, completed...) is reported in the cycle that sees it.
+REPORT_EVERY = 2.0
 
 
 class BatchWaitAborted(RuntimeError):
@@ -149,6 +155,9 @@ class RunWatch:
         self.latest: dict[str, BatchInfo] = {}
         self.thread: threading.Thread | None = None
         self.cycles = 0
+        # Counts that moved since the run's progress was last reported (see REPORT_EVERY).
+        self.unreported: dict[str, BatchInfo] = {}
+        self.reported_at = 0.0
 
     @classmethod
     def for_run(
@@ -255,15 +264,25 @@ class RunWatch:
                     logger.warning("Status check failed (%s); trying again", type(exc).__name__)
                     found = {}
                 self.cycles += 1
-                changed = []
+                moved = urgent = False
                 for batch in found.values():
                     now = (batch.status, batch.progress)
-                    if self.seen.get(batch.id) != now:
+                    before = self.seen.get(batch.id)
+                    if before != now:
                         self.seen[batch.id] = now
-                        changed.append(batch)
+                        self.unreported[batch.id] = batch
+                        moved = True
+                        urgent = urgent or before is None or before[0] != batch.status
+                if self.unreported and (
+                    urgent or time.monotonic() - self.reported_at >= REPORT_EVERY
+                ):
+                    changed = list(self.unreported.values())
+                    self.unreported.clear()
+                    self.reported_at = time.monotonic()
+                    for batch in changed:
                         logger.info("Batch %s: %s %s", batch.id, batch.status, batch.progress)
-                if changed:
                     report_many(changed)
+                if moved:
                     pause = self.first_pause
                 elif found:
                     pause = min(pause * BACKOFF_FACTOR, self.longest_pause)
