@@ -433,10 +433,12 @@ def _emulator_figures(emu: Any, validation: list[float]) -> dict[str, Any]:
 def prefect_backend() -> Any:
     """The Prefect server the flow steps run against: ``PREFECT_API_URL`` when bench.py was
     given one (``--prefect-api-url``), else a temporary one (about 25 s to start here)."""
-    from prefect.testing.utilities import prefect_test_harness
-
     if os.environ.get("PREFECT_API_URL"):
         return contextlib.nullcontext()
+    # imported only here: it imports Prefect's server (sqlalchemy, FastAPI; about 6 s and
+    # 150 MB), which a flow run against a running server never loads
+    from prefect.testing.utilities import prefect_test_harness
+
     return prefect_test_harness(server_startup_timeout=120)
 
 
