@@ -165,6 +165,42 @@ def test_answers_are_copied_exactly_whatever_their_escapes(tmp_path, monkeypatch
     assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.parametrize("helper", [False, True])
+def test_custom_ids_whose_hashes_collide_are_told_apart(tmp_path, monkeypatch, helper):
+    """The index keys results by a 64-bit hash of the custom_id; with a hash that collides
+    all the time, each request still gets its own result (or none), in order."""
+    from prefect_kluster.tasks import join as join_module
+
+    monkeypatch.setattr(join_module, "_id_hash", lambda json_id: len(json_id) % 3)
+    if helper:
+        monkeypatch.setattr("prefect_kluster.tasks._lines.Helper.MIN_BYTES", 0)
+        monkeypatch.setattr("prefect_kluster.tasks._lines.BLOCK_BYTES", 700)
+    ids = [f"id-{i}" for i in range(60)] + ["x", "yy", "zzz", "é"]
+    shards = make_shards(tmp_path, ids, cap=25)
+    rng = random.Random(7)
+    answered = [i for i in ids if i not in ("id-5", "yy")]  # two never processed
+    rng.shuffle(answered)
+    first = write_jsonl(
+        tmp_path / "r1.jsonl",
+        [error_line(i, 500) if i in ("id-7", "x") else ok_line(i, f"a {i}") for i in answered],
+    )
+    # a later file (a retry round) answers id-7 and x again: it wins
+    second = write_jsonl(
+        tmp_path / "r2.jsonl", [ok_line("x", "retried x"), ok_line("id-7", "retried 7")]
+    )
+    summary = join_result_files(shards, [str(first), str(second)], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in rows] == ids
+    expected = {
+        i: ("error", None)
+        if i in ("id-5", "yy")
+        else ("ok", {"x": "retried x", "id-7": "retried 7"}.get(i, f"a {i}"))
+        for i in ids
+    }
+    assert {r["custom_id"]: (r["status"], r["content"]) for r in rows} == expected
+    assert (summary.succeeded, summary.failed, summary.retryable) == (len(ids) - 2, 2, 2)
+
+
 def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
     shards = make_shards(tmp_path, ["a"])
     res = write_jsonl(tmp_path / "r.jsonl", [ok_line("a")])
