@@ -17,7 +17,8 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterator
-from operator import sub
+from itertools import chain
+from operator import attrgetter, sub
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, BinaryIO
@@ -30,6 +31,7 @@ from prefect_kluster.tasks.schema import (
     RequestBody,
     ResultLine,
     TextPart,
+    Usage,
     content_decoder,
     custom_id_decoder,
     joined_encoder,
@@ -64,6 +66,8 @@ _NO_TOKENS = (0, 0, 0)
 # Token counts are kept in 32 bits a line (12 MB less per million results than 64); a count
 # beyond this (no model has such a context) is clamped to it rather than failing the join.
 _TOKEN_CAP = (1 << 31) - 1
+_ZERO_USAGE = Usage()
+_usage_counts = attrgetter("prompt_tokens", "completion_tokens", "total_tokens")
 # The first byte of a raw JSON string or null.
 _STR_OR_NULL = (ord('"'), ord("n"))
 
@@ -443,17 +447,17 @@ class JoinedBlock:
     def __init__(self, lines: list[bytes]):
         decode = raw_result_decoder.decode
         strict = result_decoder.decode
-        encode_id = msgspec.json.encode
         encode_into = joined_encoder.encode_into
         out = bytearray()
         ends = array("q")  # where each joined line ends in ``out``
         ids: list[str] = []
         kinds = bytearray()
-        tokens = array("i")  # a line's counts fit 32 bits (see _TOKEN_CAP)
-        codes = array("i")
-        table: dict[str, int] = {}
-        add_end, add_id, add_kind, add_tokens = ends.append, ids.append, kinds.append, tokens.extend
-        add_code = codes.append
+        # Per line: its usage (zero if none or not ok) and its model (None: no code). Turned
+        # into arrays once for the block, in C, not a line at a time.
+        usages: list[Usage] = []
+        models: list[str | None] = []
+        add_end, add_id, add_kind = ends.append, ids.append, kinds.append
+        add_usage, add_model = usages.append, models.append
         for line in lines:
             try:
                 result = decode(line)
@@ -479,46 +483,65 @@ class JoinedBlock:
                 out.append(10)
                 add_end(len(out))
                 add_kind(UNREAD)
-                add_tokens(_NO_TOKENS)
-                add_code(-1)
+                add_usage(_ZERO_USAGE)
+                add_model(None)
                 continue
             custom_id = result.custom_id
-            joined = to_joined(custom_id, result)
+            if (
+                body is not None
+                and result.error is None
+                and body.error is None
+                and 200 <= response.status_code < 300
+            ):  # an answer: to_joined's first case, inline (most lines take it)
+                usage = body.usage
+                choices = body.choices
+                if choices:
+                    choice = choices[0]
+                    message = choice.message
+                    joined = JoinedLine(
+                        custom_id,
+                        "ok",
+                        message.content if message is not None else None,
+                        choice.finish_reason,
+                        usage,
+                        body.model,
+                        None,
+                    )
+                else:
+                    joined = JoinedLine(custom_id, "ok", None, None, usage, body.model, None)
+                add_kind(OK)
+                if usage is None:
+                    add_usage(_ZERO_USAGE)
+                    add_model(None)
+                else:
+                    add_usage(usage)
+                    add_model(body.model)
+            else:
+                joined = to_joined(custom_id, result)
+                add_kind(TRANSIENT if is_transient_failure(joined) else FAILED)
+                add_usage(_ZERO_USAGE)
+                add_model(None)
             encode_into(joined, out, -1)
             out.append(10)
             add_end(len(out))
             add_id(custom_id)
-            if joined.status == "ok":
-                add_kind(OK)
-                usage = joined.usage
-                if usage is None:
-                    add_tokens(_NO_TOKENS)
-                    add_code(-1)
-                    continue
-                counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-                try:
-                    add_tokens(counts)
-                except OverflowError:
-                    add_tokens([max(0, min(n, _TOKEN_CAP)) for n in counts])
-                model = joined.model
-                if model is None:
-                    add_code(-1)
-                    continue
-                code = table.get(model)
-                if code is None:
-                    code = table[model] = len(table)
-                add_code(code)
-            else:
-                add_kind(TRANSIENT if is_transient_failure(joined) else FAILED)
-                add_tokens(_NO_TOKENS)
-                add_code(-1)
+        tokens = array("i")  # a line's counts fit 32 bits (see _TOKEN_CAP)
+        try:
+            tokens.extend(chain.from_iterable(map(_usage_counts, usages)))
+        except OverflowError:  # a count beyond 32 bits: clamped, not fatal
+            counts = chain.from_iterable(map(_usage_counts, usages))
+            tokens = array("i", (max(0, min(n, _TOKEN_CAP)) for n in counts))
+        names = dict.fromkeys(models)  # in order of first appearance
+        names.pop(None, None)
+        table: dict[str | None, int] = {name: code for code, name in enumerate(names)}
+        self.models = list(names)
+        table[None] = -1
+        self.codes = array("i", map(table.__getitem__, models))
         self.data = bytes(out)
-        self.ids = list(map(encode_id, ids))
+        self.ids = list(map(msgspec.json.encode, ids))
         self.kinds = bytes(kinds)
         self.tokens = tokens
         self.lengths = array("q", map(sub, ends, [0, *ends[:-1]]))
-        self.models = list(table)
-        self.codes = codes
         self.start = 0  # where the caller put ``data``
 
     def pack(self) -> bytes:
