@@ -62,7 +62,6 @@ BLOCK_BYTES = 1 << 22
 
 # What the join's first pass records of each result line.
 OK, FAILED, TRANSIENT, UNREAD = 0, 1, 2, 3
-_NO_TOKENS = (0, 0, 0)
 # Token counts are kept in 32 bits a line (12 MB less per million results than 64); a count
 # beyond this (no model has such a context) is clamped to it rather than failing the join.
 _TOKEN_CAP = (1 << 31) - 1
