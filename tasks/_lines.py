@@ -486,37 +486,17 @@ class JoinedBlock:
                 add_model(None)
                 continue
             custom_id = result.custom_id
-            if (
-                body is not None
-                and result.error is None
-                and body.error is None
-                and 200 <= response.status_code < 300
-            ):  # an answer: to_joined's first case, inline (most lines take it)
-                usage = body.usage
-                choices = body.choices
-                if choices:
-                    choice = choices[0]
-                    message = choice.message
-                    joined = JoinedLine(
-                        custom_id,
-                        "ok",
-                        message.content if message is not None else None,
-                        choice.finish_reason,
-                        usage,
-                        body.model,
-                        None,
-                    )
-                else:
-                    joined = JoinedLine(custom_id, "ok", None, None, usage, body.model, None)
+            joined = to_joined(custom_id, result)
+            if joined.status == "ok":
                 add_kind(OK)
+                usage = joined.usage
                 if usage is None:
                     add_usage(_ZERO_USAGE)
                     add_model(None)
                 else:
                     add_usage(usage)
-                    add_model(body.model)
+                    add_model(joined.model)
             else:
-                joined = to_joined(custom_id, result)
                 add_kind(TRANSIENT if is_transient_failure(joined) else FAILED)
                 add_usage(_ZERO_USAGE)
                 add_model(None)
