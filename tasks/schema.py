@@ -137,36 +137,28 @@ class ResultLine(Struct):
 # thirds of the join's time. A content that is not a JSON string or null is read again
 # with ``result_decoder``, which refuses it, so this accepts what ``ResultLine`` accepts
 # (except that bytes inside a string are not checked to be UTF-8: they are copied).
+# Each raw shape is its typed twin with only the field leading to the content replaced.
 RAW_NULL = msgspec.Raw(b"null")
 
 
-class RawResultMessage(Struct, gc=False):
-    content: msgspec.Raw = msgspec.field(default_factory=lambda: RAW_NULL)
+class RawResultMessage(ResultMessage, gc=False):
+    content: msgspec.Raw = msgspec.field(default_factory=lambda: RAW_NULL)  # type: ignore[assignment]
 
 
-class RawResultChoice(Struct, gc=False):
+class RawResultChoice(ResultChoice, gc=False):
     message: RawResultMessage | None = None
-    finish_reason: str | None = None
 
 
-class RawResultBody(Struct):
-    model: str | None = None
-    choices: list[RawResultChoice] = []
-    usage: Usage | None = None
-    error: dict | str | None = None
-    message: str | None = None
+class RawResultBody(ResultBody):
+    choices: list[RawResultChoice] = []  # type: ignore[assignment]
 
 
-class RawResultResponse(Struct):
-    status_code: int = 0
-    request_id: str | None = None
+class RawResultResponse(ResultResponse):
     body: RawResultBody | None = None
 
 
-class RawResultLine(Struct):
-    custom_id: str
+class RawResultLine(ResultLine):
     response: RawResultResponse | None = None
-    error: ResultError | None = None
 
 
 class JoinedError(Struct, omit_defaults=True):
