@@ -41,6 +41,19 @@ from prefect_kluster.tasks.schema import (
     result_decoder,
 )
 
+# The compiled request check (native/, built by `make native`): the same answers for a valid
+# block, 2.5x faster on one core and off the GIL; absent (a plain pip install, no Rust toolchain) or turned
+# off with PREFECT_KLUSTER_NATIVE=0, the Python check below does everything.
+_native: Any = None
+if os.environ.get("PREFECT_KLUSTER_NATIVE", "1") != "0":
+    try:
+        from prefect_kluster.tasks import _native
+    except ImportError:
+        pass
+native_check_requests: Any = getattr(_native, "check_requests", None)
+native_check_block: Any = getattr(_native, "check_block", None)
+native_crlf_to_lf: Any = getattr(_native, "crlf_to_lf", None)
+
 NOT_PROCESSED = "not_processed"
 # Failures that a later attempt can get past: rate limits, server errors, lines never run.
 TRANSIENT_CODES = frozenset(
@@ -154,7 +167,9 @@ def crlf_to_lf(block: bytes) -> bytes:
     """``block`` with each CRLF line end made LF (a lone CR, JSON whitespace, is kept).
 
     Found with memchr, one piece a CRLF, one copy: several times quicker than
-    ``bytes.replace`` with a two-byte pattern."""
+    ``bytes.replace`` with a two-byte pattern (and the compiled one quicker still)."""
+    if native_crlf_to_lf is not None:
+        return native_crlf_to_lf(block)
     find = block.find
     at = find(b"\r")
     if at < 0:
@@ -347,7 +362,29 @@ def check_requests(
     With ``cost``, each line's tokens are added to it on the way (same decode). Long lines
     are decoded with their message contents left raw; each content is then checked on its
     own, except that a long one already checked in this block (same bytes) is not checked
-    again. Either way, what this accepts ``request_decoder`` accepts, with the same counts."""
+    again. Either way, what this accepts ``request_decoder`` accepts, with the same counts.
+
+    The compiled check answers first when it is built: it accepts only what this accepts,
+    with the same ids and counts (tests/test_native.py), and passes any block it does not
+    accept (a problem, or a shape it is stricter about) to the Python check, which decides
+    and names the problem."""
+    if native_check_requests is not None:
+        checked = native_check_requests(lines)
+        if checked is not None:
+            blob, counts = checked
+            if models is None or models.issuperset(counts):
+                if cost is not None:
+                    cost.merge(BlockCost(counts))
+                ids = blob.split(b"\n")
+                ids.pop()
+                return ids
+    return check_requests_in_python(lines, models, cost)
+
+
+def check_requests_in_python(
+    lines: list[bytes], models: frozenset[str] | None, cost: BlockCost | None = None
+) -> list[bytes]:
+    """``check_requests`` without the compiled check: the reference it is held to."""
     decode_whole = request_decoder.decode
     if cost is None:
         if models is None:

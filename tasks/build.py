@@ -37,6 +37,7 @@ from prefect_kluster.tasks._lines import (
     Helper,
     ModelNotAllowed,
     check_requests,
+    check_requests_in_python,
     crlf_to_lf,
     read_blocks,
     unpack_checked,
@@ -357,6 +358,9 @@ class _Sharding:
         self.encode = msgspec.json.encode
 
     def run(self, handle: BinaryIO) -> None:
+        if line_work.native_check_block is not None:
+            self._run_native(handle)
+            return
         helper = None
         if "://" not in self.source:
             models = sorted(self.models) if self.models is not None else None
@@ -390,8 +394,9 @@ class _Sharding:
             if helper is not None:
                 helper.close()
 
-    def _check(self, block: _Block) -> None:
-        """The fast check of a whole block, here."""
+    def _check(self, block: _Block, native_tried: bool = False) -> None:
+        """The fast check of a whole block, here (by the Python check alone when the
+        compiled one has already turned the block down)."""
         data = block.data
         if data[-1:] != b"\n":  # the file's last line, without its newline
             data = block.data = crlf_to_lf(data + b"\n")
@@ -405,7 +410,8 @@ class _Sharding:
             return
         block.cost = BlockCost() if self.cost is not None else None
         try:
-            block.ids = check_requests(lines, self.models, block.cost)
+            check = check_requests_in_python if native_tried else check_requests
+            block.ids = check(lines, self.models, block.cost)
         except (ModelNotAllowed, msgspec.MsgspecError, UnicodeDecodeError):
             return
         block.state = True
@@ -429,16 +435,74 @@ class _Sharding:
                 else:
                     self._check(block)
             pending.popleft()
-            if block.state:
-                if not self.problems:
-                    assert block.ids is not None
-                    self.id_hashes.extend(map(hash, block.ids))
-                    self.writer.add(block.data, block.ids, block.lines)
-                    if self.cost is not None and block.cost is not None:
-                        self.cost.merge(block.cost)
-            elif not self._line_by_line(block):
+            if not self._settle(block):
                 return False
         return True
+
+    def _settle(self, block: _Block) -> bool:
+        """Write a checked block, or name its problems; False once there are too many."""
+        if block.state:
+            if not self.problems:
+                assert block.ids is not None
+                self.id_hashes.extend(map(hash, block.ids))
+                self.writer.add(block.data, block.ids, block.lines)
+                if self.cost is not None and block.cost is not None:
+                    self.cost.merge(block.cost)
+            return True
+        return self._line_by_line(block)
+
+    # Blocks read ahead of the one being written, with the compiled check: enough to keep
+    # both checking threads busy, few enough to keep memory flat (2 MB each).
+    _NATIVE_AHEAD = 6
+
+    def _run_native(self, handle: BinaryIO) -> None:
+        """The pass with the compiled check (``native/``): it releases the GIL, so blocks
+        are checked on two threads while this one reads ahead and writes in order; no
+        helper process, and each block is read once. A block it does not accept goes
+        through the Python check (``_check``), which decides and names the problems."""
+        check = line_work.native_check_block
+        pending: deque[tuple[int, bytes, Future[Any] | None]] = deque()
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kluster-check")
+        try:
+            for offset, raw in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
+                checking = None
+                if raw[-1] == 10 and len(raw) < self.max_file_bytes and not self.problems:
+                    checking = pool.submit(check, raw)
+                pending.append((offset, raw, checking))
+                while pending and (
+                    len(pending) > self._NATIVE_AHEAD
+                    or pending[0][2] is None
+                    or pending[0][2].done()
+                ):
+                    if not self._settle(self._checked(*pending.popleft())):
+                        return
+            while pending:
+                if not self._settle(self._checked(*pending.popleft())):
+                    return
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _checked(self, offset: int, raw: bytes, checking: Future[Any] | None) -> _Block:
+        """The block at ``offset``, checked: by the compiled check if it accepted it,
+        else by ``_check``."""
+        answer = checking.result() if checking is not None else None
+        if answer is not None:
+            blob, counts, count = answer
+            if self.models is None or self.models.issuperset(counts):
+                block = _Block(offset, crlf_to_lf(raw), self.lines + 1, count)
+                self.lines += count
+                block.ids = blob.split(b"\n")
+                block.ids.pop()
+                block.cost = BlockCost(counts) if self.cost is not None else None
+                block.state = True
+                return block
+        count = raw.count(b"\n")
+        complete = count and raw[-1] == 10
+        data = crlf_to_lf(raw) if complete else raw
+        block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
+        self.lines += block.count
+        self._check(block, native_tried=checking is not None)
+        return block
 
     def _line_by_line(self, block: _Block) -> bool:
         """Name each problem in the block; write its valid lines until the first one."""

@@ -61,3 +61,12 @@ def grouped(**options: Any) -> dict[str, Any]:
         else:
             out.setdefault(group, {})[name] = value
     return out
+
+
+def without_native(monkeypatch: Any) -> None:
+    """Run the Python check (and its helper process) instead of the compiled one (native/),
+    so that the Python path keeps its own tests where the compiled check is built."""
+    import prefect_kluster.tasks._lines as lines_module
+
+    for name in ("native_check_requests", "native_check_block", "native_crlf_to_lf"):
+        monkeypatch.setattr(lines_module, name, None)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks._lines as lines_module
+import prefect_kluster.tasks._lines as lines_module
 from prefect_kluster.tasks.build import RequestFileError, shard_request_file
 from prefect_kluster.tasks.join import join_result_files
-from tests.helpers import request, write_jsonl
+from tests.helpers import request, without_native, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,9 @@ def test_bench_step_runs_in_a_fresh_process(tmp_path, monkeypatch):
 
 @pytest.fixture
 def always_helper(monkeypatch):
-    """Use the helper process even for tiny inputs, in tiny blocks."""
+    """Use the helper process even for tiny inputs, in tiny blocks (the Python check: the
+    compiled one runs on threads, without the helper)."""
+    without_native(monkeypatch)
     monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 0)
     monkeypatch.setattr(lines_module, "BLOCK_BYTES", 256)
     monkeypatch.setattr(lines_module, "REQUEST_BLOCK_BYTES", 256)
@@ -149,7 +151,10 @@ def _break_helper(monkeypatch, mode: str) -> None:
     if mode == "dies at start":
         monkeypatch.setattr(lines_module, "_BOOT", "raise SystemExit(3)")
     elif mode == "fails every block":
-        broken = "import tasks._lines as m; m.JoinedBlock = m.check_requests = None; serve("
+        broken = (
+            "import prefect_kluster.tasks._lines as m; "
+            "m.JoinedBlock = m.check_requests = None; serve("
+        )
         monkeypatch.setattr(lines_module, "_BOOT", lines_module._BOOT.replace("serve(", broken))
 
 
@@ -243,6 +248,7 @@ def test_helper_takes_crlf_and_long_contents_with_the_same_tally(tmp_path, monke
     from prefect_kluster.tasks.build import shard_and_tally
     from prefect_kluster.tasks.schema import request_decoder
 
+    without_native(monkeypatch)
     monkeypatch.setattr(lines_module.Helper, "MIN_BYTES", 0)
     monkeypatch.setattr(lines_module, "REQUEST_BLOCK_BYTES", 4096)
     _break_helper(monkeypatch, mode)

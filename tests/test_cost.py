@@ -38,6 +38,7 @@ from prefect_kluster.tasks.cost import (
     load_prices,
     usage_by_model,
 )
+from tests.helpers import without_native
 
 R1 = "deepseek-ai/DeepSeek-R1"
 V3 = "deepseek-ai/DeepSeek-V3"
@@ -344,6 +345,7 @@ def test_estimate_adds_no_second_read_and_helper_counts_the_same(
     _, alone = shard_and_tally(source, tmp_path / "alone", max_file_bytes=200_000)
     assert sum(read) == plain == size  # one read of the input, with or without the estimate
     read.clear()
+    without_native(monkeypatch)  # the helper process is the Python check's
     monkeypatch.setattr(line_work.Helper, "MIN_BYTES", 0)
     monkeypatch.setattr(line_work, "REQUEST_BLOCK_BYTES", 1 << 14)
     answered: list[int] = []

@@ -296,7 +296,7 @@ def test_usage_by_model_is_counted_in_the_join(tmp_path, monkeypatch, helper):
     as reading the joined output back (tasks.cost.usage_by_model), latest result winning,
     errors, missing lines, results without usage or model, and results for no request
     left out; in the helper process too."""
-    import tasks._lines as lines_module
+    import prefect_kluster.tasks._lines as lines_module
     from prefect_kluster.tasks.cost import usage_by_model
 
     if helper:

@@ -1,0 +1,346 @@
+"""The compiled request check (native/) against the Python check it stands in for.
+
+The compiled check may turn down a block the Python check accepts (it is then checked again
+in Python, only slower), but it must never accept a line the Python check refuses, and when
+both accept they must give the same custom_ids and the same cost counts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefect_kluster.tasks import _lines as line_work
+from prefect_kluster.tasks._lines import (
+    BlockCost,
+    ModelNotAllowed,
+    check_requests_in_python,
+    split_lines,
+)
+from prefect_kluster.tasks.build import RequestFileError, shard_and_tally
+from tests.helpers import MODEL, request, without_native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+native = pytest.importorskip(
+    "prefect_kluster.tasks._native",
+    reason="the compiled check is not built (make native)",
+)
+
+
+def python_answer(lines: list[bytes]) -> tuple[list[bytes], dict[str, list[int]]] | None:
+    cost = BlockCost()
+    try:
+        ids = check_requests_in_python(lines, None, cost)
+    except (msgspec.MsgspecError, UnicodeError, ModelNotAllowed):
+        return None
+    return ids, cost.models
+
+
+def native_answer(lines: list[bytes]) -> tuple[list[bytes], dict[str, list[int]]] | None:
+    answer = native.check_requests(lines)
+    if answer is None:
+        return None
+    blob, counts = answer
+    ids = blob.split(b"\n")
+    ids.pop()
+    return ids, counts
+
+
+def assert_agrees(lines: list[bytes]) -> bool:
+    """Never more lenient, same answers when both accept; True if the native check accepted."""
+    ours, reference = native_answer(lines), python_answer(lines)
+    if ours is None:
+        return False
+    assert reference is not None, f"the compiled check accepted what Python refuses: {lines!r}"
+    assert ours == reference
+    return True
+
+
+def line(obj: object, ensure_ascii: bool = False) -> bytes:
+    return json.dumps(obj, ensure_ascii=ensure_ascii).encode()
+
+
+GOOD = line(request("r1", "Grüße, 世界! 🎉"))
+
+
+def test_the_compiled_check_is_built_where_the_makefile_builds_it():
+    # `make test` builds it (make native): a test run without it would test only Python.
+    assert line_work.native_check_block is not None
+    assert line_work.native_check_requests is not None
+
+
+def test_realistic_files_give_the_same_ids_and_counts(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from data import write_realistic_requests, write_requests
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name, write in (("real", write_realistic_requests), ("guide", write_requests)):
+        path = tmp_path / f"{name}.jsonl"
+        write(path, 3000)
+        data = line_work.crlf_to_lf(path.read_bytes())
+        lines = split_lines(data)
+        assert assert_agrees(lines), name
+        # the block entry point (CRLF kept: JSON whitespace to it) agrees with the list one
+        blob, counts, count = native.check_block(path.read_bytes())
+        assert count == len(lines)
+        assert (blob.split(b"\n")[:-1], counts) == python_answer(lines)
+
+
+# Lines where JSON or msgspec have corners: each must be refused by both, accepted by both
+# with the same answer, or refused by the compiled check only (marked "stricter").
+BASE = (
+    b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions",'
+    b'"body":{"model":"m","messages":[{"role":"user","content":"hi"}]%s}}'
+)
+CORNERS = {
+    "unknown number 1e999": (BASE % b',"x":1e999', "stricter"),
+    "unknown lone surrogate": (BASE % b',"x":"\\ud800"', "refused"),
+    "unknown control character": (BASE % b',"x":"a\x01b"', "refused"),
+    "unknown bad escape": (BASE % b',"x":"\\q"', "refused"),
+    "unknown leading zero": (BASE % b',"x":01', "refused"),
+    "unknown invalid UTF-8": (BASE % b',"x":"\xff"', "stricter"),
+    "unknown deep nesting": (BASE % (b',"x":' + b"[" * 200 + b"]" * 200), "stricter"),
+    "unknown NaN": (BASE % b',"x":NaN', "refused"),
+    "duplicate known key": (BASE % b',"model":"n"', "stricter"),
+    "max_tokens -0": (BASE % b',"max_tokens":-0', "stricter"),
+    "max_tokens u64 max": (BASE % b',"max_tokens":18446744073709551615', "same"),
+    "max_tokens over u64": (BASE % b',"max_tokens":18446744073709551616', "stricter"),
+    "max_tokens float": (BASE % b',"max_tokens":1.0', "refused"),
+    "max_tokens negative": (BASE % b',"max_tokens":-1', "refused"),
+    "max_tokens null, max_completion_tokens set": (
+        BASE % b',"max_tokens":null,"max_completion_tokens":7',
+        "same",
+    ),
+    "max_completion_tokens null falls to max_tokens": (
+        BASE % b',"max_completion_tokens":null,"max_tokens":9',
+        "same",
+    ),
+    "escaped key and role": (
+        BASE.replace(b'"custom_id"', b'"custom\\u005fid"').replace(b'"user"', b'"us\\u0065r"')
+        % b"",
+        "same",
+    ),
+    "surrogate pair in content": (
+        BASE.replace(b'"hi"', b'"\\ud83d\\ude00 caf\\u00e9"') % b"",
+        "same",
+    ),
+    "lone surrogate in content": (BASE.replace(b'"hi"', b'"\\udc00"') % b"", "refused"),
+    "content null": (BASE.replace(b'"hi"', b"null") % b"", "refused"),
+    "content empty list": (BASE.replace(b'"hi"', b"[]") % b"", "refused"),
+    "content parts, tag last": (
+        BASE.replace(
+            b'"hi"', b'[{"text":"x","type":"text"},{"image_url":{"url":"u"},"type":"image_url"}]'
+        )
+        % b"",
+        "same",
+    ),  # fmt: skip
+    "text part with an image_url too": (
+        BASE.replace(b'"hi"', b'[{"type":"text","text":"x","image_url":{"url":"u"}}]') % b"",
+        "same",
+    ),
+    "image part with a non-string text": (
+        BASE.replace(b'"hi"', b'[{"type":"image_url","image_url":{"url":"u"},"text":5}]') % b"",
+        "stricter",
+    ),
+    "image url empty": (
+        BASE.replace(b'"hi"', b'[{"type":"image_url","image_url":{"url":""}}]') % b"",
+        "refused",
+    ),
+    "unknown part type": (BASE.replace(b'"hi"', b'[{"type":"audio","x":1}]') % b"", "refused"),
+    "part without type": (BASE.replace(b'"hi"', b'[{"text":"x"}]') % b"", "refused"),
+    "messages empty": (BASE.replace(b'[{"role":"user","content":"hi"}]', b"[]") % b"", "refused"),
+    "unknown role": (BASE.replace(b'"user"', b'"robot"') % b"", "refused"),
+    "model empty": (BASE.replace(b'"m"', b'""') % b"", "refused"),
+    "custom_id empty": (BASE.replace(b'"a"', b'""') % b"", "refused"),
+    "custom_id a number": (BASE.replace(b'"a"', b"1") % b"", "refused"),
+    "method lower case": (BASE.replace(b'"POST"', b'"post"') % b"", "refused"),
+    "url of another endpoint": (BASE.replace(b"chat/completions", b"embeddings") % b"", "refused"),
+    "body missing": (b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions"}', "refused"),
+    "trailing garbage": (BASE % b"" + b"x", "refused"),
+    "two objects": (BASE % b"" + BASE % b"", "refused"),
+    "byte order mark": (b"\xef\xbb\xbf" + BASE % b"", "refused"),
+    "surrounding whitespace and CR": (b" \t" + BASE % b"" + b" \r", "same"),
+    "blank": (b"", "refused"),
+    "an array": (b"[1]", "refused"),
+    "unknown nested values": (
+        BASE % b',"temperature":0.5,"x":{"a":[1,-2.5e3,true,false,null,{"b":"\\u00e9"}]}',
+        "same",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORNERS))
+def test_corner_cases(name):
+    data, expected = CORNERS[name]
+    ours, reference = native_answer([data]), python_answer([data])
+    if expected == "refused":
+        assert ours is None and reference is None
+    elif expected == "stricter":
+        assert ours is None and reference is not None
+    else:
+        assert ours is not None and ours == reference
+
+
+@pytest.mark.parametrize(
+    "custom_id",
+    ["plain", 'quote " and \\ backslash', "tab\tnew\nline\x01\x1f\x7f", "é世🎉\u2028/", "\x00"],
+)
+def test_custom_ids_are_written_as_msgspec_writes_them(custom_id):
+    for ensure_ascii in (True, False):
+        data = line(request(custom_id), ensure_ascii=ensure_ascii)
+        assert assert_agrees([data])
+        assert native_answer([data])[0] == [msgspec.json.encode(custom_id)]
+
+
+texts = st.text(st.characters(codec="utf-8"), max_size=40)
+parts = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, texts),
+    st.builds(lambda u: {"type": "image_url", "image_url": {"url": u}}, texts),
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "bot"]),
+            "content": st.one_of(texts, st.lists(parts, max_size=3)),
+        }
+    ),
+    max_size=3,
+)
+bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["m1", "m2", "", "модель"]), "messages": messages},
+    optional={
+        "max_tokens": st.one_of(st.none(), st.integers(-2, 2**64)),
+        "max_completion_tokens": st.one_of(st.none(), st.integers(-2, 2**64)),
+        "temperature": st.floats(allow_nan=False, allow_infinity=False),
+        "extra": st.recursive(
+            st.none() | st.booleans() | st.integers() | texts,
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+            max_leaves=6,
+        ),
+    },
+)
+requests = st.fixed_dictionaries(
+    {
+        "custom_id": texts,
+        "method": st.sampled_from(["POST", "GET"]),
+        "url": st.sampled_from(["/v1/chat/completions", "/v1/embeddings"]),
+        "body": bodies,
+    }
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(requests, min_size=1, max_size=4), st.booleans())
+def test_generated_requests_agree(objs, ensure_ascii):
+    lines = [line(obj, ensure_ascii) for obj in objs]
+    assert_agrees(lines)
+    for one in lines:
+        assert_agrees([one])
+
+
+def test_mutated_lines_are_never_accepted_when_python_refuses_them():
+    rng = random.Random(20261126)
+    seeds = [
+        line(request("id-1", "Grüße 世界 🎉 \\ \"q\"", max_tokens=5)),
+        line(request("id-2", "plain ascii text", max_completion_tokens=3), ensure_ascii=True),
+        BASE.replace(b'"hi"', b'[{"type":"text","text":"t"},{"type":"image_url",'
+                     b'"image_url":{"url":"data:image/png;base64,iVBORw0"}}]') % b',"n":[1,{}]',
+    ]  # fmt: skip
+    alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
+    accepted = refused = 0
+    for _ in range(6000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            op = rng.randrange(3)
+            if op == 0 and at < len(data):
+                del data[at]
+            elif op == 1:
+                data.insert(at, rng.choice(alphabet))
+            elif at < len(data):
+                data[at] = rng.choice(alphabet)
+        if assert_agrees([bytes(data)]):
+            accepted += 1
+        else:
+            refused += 1
+    # both kinds were exercised
+    assert accepted > 300 and refused > 3000
+
+
+def test_crlf_to_lf_agrees_with_the_python_one(monkeypatch):
+    rng = random.Random(7)
+    compiled = line_work.crlf_to_lf
+    cases = [b"", b"\r", b"\n", b"\r\n", b"a\r\r\nb\rc\r\n", b"\r\n\r\n", b"x\r"]
+    cases += [bytes(rng.choice(b"ab\r\n") for _ in range(rng.randrange(40))) for _ in range(500)]
+    expected = []
+    monkeypatch.setattr(line_work, "native_crlf_to_lf", None)
+    for case in cases:
+        expected.append(line_work.crlf_to_lf(case))
+    monkeypatch.undo()
+    assert [compiled(case) for case in cases] == expected
+    assert [native.crlf_to_lf(case) for case in cases] == expected
+
+
+def shard_files(shards) -> list[tuple[bytes, bytes, int, int]]:
+    return [
+        (Path(s.path).read_bytes(), Path(s.ids_path).read_bytes(), s.lines, s.first_line)
+        for s in shards
+    ]
+
+
+def test_the_shard_pass_writes_the_same_shards_and_tally_either_way(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from data import write_realistic_requests
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    source = tmp_path / "in.jsonl"
+    write_realistic_requests(source, 12000)  # several 2 MB blocks, CRLF lines among them
+    compiled = shard_and_tally(source, tmp_path / "compiled", max_file_bytes=3_000_000)
+    without_native(monkeypatch)
+    python = shard_and_tally(source, tmp_path / "python", max_file_bytes=3_000_000)
+    assert shard_files(compiled[0]) == shard_files(python[0])
+    assert len(compiled[0]) > 2
+    assert compiled[1].model_dump() == python[1].model_dump()
+
+
+def test_problems_are_named_the_same_either_way(tmp_path, monkeypatch):
+    rows = [line(request(f"r{i}", "texte " * 50)) for i in range(9000)]
+    rows[4000] = b'{"custom_id": "r4000", "method": "POST"}'
+    rows[7000] = line(request("r7000", model="not-allowed"))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\r\n".join(rows) + b"\r\n")
+    messages = []
+    for mode in ("compiled", "python"):
+        if mode == "python":
+            without_native(monkeypatch)
+        with pytest.raises(RequestFileError) as caught:
+            shard_and_tally(source, tmp_path / mode, allowed_models={MODEL})
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "line 4001" in messages[0] and "line 7001" in messages[0]
+
+
+def test_duplicate_custom_ids_are_named_the_same_either_way(tmp_path, monkeypatch):
+    rows = [line(request(f"r{i}", "texte " * 50)) for i in range(9000)]
+    rows[8000] = line(request("r1"))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(rows) + b"\n")
+    messages = []
+    for mode in ("compiled", "python"):
+        if mode == "python":
+            without_native(monkeypatch)
+        with pytest.raises(RequestFileError) as caught:
+            shard_and_tally(source, tmp_path / mode)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "line 8001: duplicate custom_id 'r1' (first used on line 2)" in messages[0]
