@@ -42,8 +42,8 @@ from prefect_kluster.tasks.schema import (
 )
 
 # The compiled request check (native/, built by `make native`): the same answers for a valid
-# block, 2.5x faster on one core and off the GIL; absent (a plain pip install, no Rust toolchain) or turned
-# off with PREFECT_KLUSTER_NATIVE=0, the Python check below does everything.
+# block, 2.5x faster on one core and with the GIL released; absent (a plain pip install, no
+# Rust toolchain) or turned off with PREFECT_KLUSTER_NATIVE=0, the Python check does all.
 _native: Any = None
 if os.environ.get("PREFECT_KLUSTER_NATIVE", "1") != "0":
     try:
@@ -53,6 +53,7 @@ if os.environ.get("PREFECT_KLUSTER_NATIVE", "1") != "0":
 native_check_requests: Any = getattr(_native, "check_requests", None)
 native_check_block: Any = getattr(_native, "check_block", None)
 native_crlf_to_lf: Any = getattr(_native, "crlf_to_lf", None)
+native_hash_ids: Any = getattr(_native, "hash_ids", None)
 
 NOT_PROCESSED = "not_processed"
 # Failures that a later attempt can get past: rate limits, server errors, lines never run.
@@ -185,6 +186,21 @@ def crlf_to_lf(block: bytes) -> bytes:
         return block
     pieces.append(block[start:])
     return b"".join(pieces)
+
+
+def hash_ids(ids: list[bytes]) -> bytes:
+    """64-bit hashes of JSON custom_ids for the duplicate check, as an ``array("q")``'s
+    bytes: the compiled check's (it hashes the blocks it checks) when it is built, else
+    Python's. Either is the same for the same id within a process, which is all the check
+    needs (equal hashes are only suspects: their lines are read again)."""
+    if native_hash_ids is not None:
+        return native_hash_ids(ids)
+    return array("q", map(hash, ids)).tobytes()
+
+
+def hash_id(json_id: bytes) -> int:
+    """``hash_ids`` of one id."""
+    return array("q", hash_ids([json_id]))[0]
 
 
 def split_lines(block: bytes) -> list[bytes]:

@@ -39,6 +39,8 @@ from prefect_kluster.tasks._lines import (
     check_requests,
     check_requests_in_python,
     crlf_to_lf,
+    hash_id,
+    hash_ids,
     read_blocks,
     unpack_checked,
 )
@@ -220,10 +222,18 @@ class _ShardWriter:
         self._open = False
         self._index += 1
 
-    def add(self, data: bytes, ids: list[bytes], lines: list[bytes] | None = None) -> None:
+    def add(
+        self,
+        data: bytes,
+        ids: list[bytes] | bytes,
+        lines: list[bytes] | None = None,
+        count: int | None = None,
+    ) -> None:
         """Append ``data``: whole lines, each ended by a newline, whose JSON custom_ids are
-        ``ids`` (``lines``, if given, are the same lines without their newlines)."""
-        count = len(ids)
+        ``ids`` (a list, or one bytes of them each ended by a newline, with their ``count``;
+        ``lines``, if given, are the same lines without their newlines)."""
+        if count is None:
+            count = len(ids) if isinstance(ids, list) else ids.count(b"\n")
         if not count:
             return
         max_bytes, max_lines, target = self.max_bytes, self.max_lines, self.target
@@ -234,6 +244,9 @@ class _ShardWriter:
         ):
             self._put(data, ids, count)
             return
+        if isinstance(ids, bytes):
+            ids = ids.split(b"\n")
+            ids.pop()
         if lines is None:
             lines = data.split(b"\n")
             lines.pop()
@@ -257,8 +270,9 @@ class _ShardWriter:
             self._put(piece, ids[i:j], j - i)
             i = j
 
-    def _put(self, data: bytes, ids: list[bytes], count: int) -> None:
-        self._submit(self._files.write, data, b"\n".join(ids) + b"\n")
+    def _put(self, data: bytes, ids: list[bytes] | bytes, count: int) -> None:
+        blob = ids if isinstance(ids, bytes) else b"\n".join(ids) + b"\n"
+        self._submit(self._files.write, data, blob)
         self._lines += count
         self._bytes += len(data)
         self._written += count
@@ -298,7 +312,7 @@ def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
                 custom_id = request_decoder.decode(raw).custom_id
             except (msgspec.MsgspecError, UnicodeDecodeError):
                 continue
-            if hash(encode(custom_id)) not in suspects:
+            if hash_id(encode(custom_id)) not in suspects:
                 continue
             if custom_id in first_seen:
                 problems.append(
@@ -318,7 +332,9 @@ def _duplicate_problems(source: str, hashes: np.ndarray) -> list[LineProblem]:
 class _Block:
     """A block of input lines on its way through the check, in input order."""
 
-    __slots__ = ("offset", "data", "first_line", "count", "lines", "ids", "state", "cost")
+    __slots__ = (
+        "offset", "data", "first_line", "count", "lines", "ids", "hashes", "state", "cost"
+    )  # fmt: skip
 
     def __init__(self, offset: int, data: bytes, first_line: int, count: int):
         self.offset = offset
@@ -326,7 +342,10 @@ class _Block:
         self.first_line = first_line
         self.count = count
         self.lines: list[bytes] | None = None
-        self.ids: list[bytes] | None = None
+        # The JSON custom_ids: a list, or one bytes of them each followed by a newline (from
+        # the compiled check, with their ``hashes`` beside).
+        self.ids: list[bytes] | bytes | None = None
+        self.hashes: bytes | None = None
         # None: with the helper; True: every line valid (ids set); False: go line by line.
         self.state: bool | None = None
         self.cost: BlockCost | None = None  # the block's token tallies, when estimating
@@ -444,8 +463,12 @@ class _Sharding:
         if block.state:
             if not self.problems:
                 assert block.ids is not None
-                self.id_hashes.extend(map(hash, block.ids))
-                self.writer.add(block.data, block.ids, block.lines)
+                hashes = block.hashes
+                if hashes is None:
+                    assert isinstance(block.ids, list)
+                    hashes = hash_ids(block.ids)
+                self.id_hashes.frombytes(hashes)
+                self.writer.add(block.data, block.ids, block.lines, block.count)
                 if self.cost is not None and block.cost is not None:
                     self.cost.merge(block.cost)
             return True
@@ -487,12 +510,11 @@ class _Sharding:
         else by ``_check``."""
         answer = checking.result() if checking is not None else None
         if answer is not None:
-            blob, counts, count = answer
+            blob, counts, count, hashes = answer
             if self.models is None or self.models.issuperset(counts):
                 block = _Block(offset, crlf_to_lf(raw), self.lines + 1, count)
                 self.lines += count
-                block.ids = blob.split(b"\n")
-                block.ids.pop()
+                block.ids, block.hashes = blob, hashes
                 block.cost = BlockCost(counts) if self.cost is not None else None
                 block.state = True
                 return block
@@ -535,7 +557,6 @@ class _Sharding:
                         if not problems:
                             valid.append(data)
                             valid_ids.append(self.encode(request.custom_id))
-                            self.id_hashes.append(hash(valid_ids[-1]))
                             if self.cost is not None:
                                 self.cost.add(request.body)
             if problem is not None:
@@ -543,6 +564,7 @@ class _Sharding:
                     self.more = True
                     return False
                 problems.append(LineProblem(line_no, problem))
+        self.id_hashes.frombytes(hash_ids(valid_ids))
         self.writer.add(b"".join(valid), valid_ids)
         return True
 

@@ -68,5 +68,10 @@ def without_native(monkeypatch: Any) -> None:
     so that the Python path keeps its own tests where the compiled check is built."""
     import prefect_kluster.tasks._lines as lines_module
 
-    for name in ("native_check_requests", "native_check_block", "native_crlf_to_lf"):
+    for name in (
+        "native_check_requests",
+        "native_check_block",
+        "native_crlf_to_lf",
+        "native_hash_ids",
+    ):
         monkeypatch.setattr(lines_module, name, None)

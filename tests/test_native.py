@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from array import array
 import sys
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def test_realistic_files_give_the_same_ids_and_counts(tmp_path):
         lines = split_lines(data)
         assert assert_agrees(lines), name
         # the block entry point (CRLF kept: JSON whitespace to it) agrees with the list one
-        blob, counts, count = native.check_block(path.read_bytes())
+        blob, counts, count, hashes = native.check_block(path.read_bytes())
         assert count == len(lines)
-        assert (blob.split(b"\n")[:-1], counts) == python_answer(lines)
+        ids = blob.split(b"\n")[:-1]
+        assert (ids, counts) == python_answer(lines)
+        assert hashes == native.hash_ids(ids) and len(set(array("q", hashes))) == len(ids)
 
 
 # Lines where JSON or msgspec have corners: each must be refused by both, accepted by both

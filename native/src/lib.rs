@@ -13,7 +13,9 @@
 //! It holds no Python object while it reads, so the GIL is released for the block.
 
 use std::borrow::Cow;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
+use std::hash::Hasher;
 use std::fmt;
 
 use pyo3::prelude::*;
@@ -449,18 +451,42 @@ impl Tally {
     }
 }
 
+/// A custom_id's 64-bit hash, of its JSON form (the standard library's SipHash, fixed keys:
+/// the same within a process, which is as long as these live): the duplicate check sorts
+/// them and reads again the lines of any two that are equal, so a collision costs a second
+/// read, never a wrong answer.
+fn id_hash(json_id: &[u8]) -> i64 {
+    let mut hasher = DefaultHasher::new();
+    hasher.write(json_id);
+    hasher.finish() as i64
+}
+
+/// `hash_ids(ids: list[bytes]) -> bytes`: `id_hash` of each JSON custom_id, as native-endian
+/// 64-bit integers (an `array("q")`'s bytes).
+#[pyfunction]
+fn hash_ids(py: Python<'_>, ids: &PyList) -> PyResult<PyObject> {
+    let mut out = Vec::with_capacity(ids.len() * 8);
+    for item in ids.iter() {
+        out.extend_from_slice(&id_hash(item.downcast::<PyBytes>()?.as_bytes()).to_ne_bytes());
+    }
+    Ok(PyBytes::new(py, &out).into())
+}
+
 /// The whole block's answer, or `None` at its first line that is not accepted.
-fn check_block_lines(lines: &[&[u8]]) -> Option<(Vec<u8>, Tally)> {
+fn check_block_lines(lines: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>, Tally)> {
     let mut ids = Vec::with_capacity(lines.len() * 16);
+    let mut hashes = Vec::with_capacity(lines.len() * 8);
     let mut tally = Tally::default();
     for line in lines {
         let text = simdutf8::basic::from_utf8(line).ok()?;
         let request: Request = serde_json::from_str(text).ok()?;
+        let start = ids.len();
         serde_json::to_writer(&mut ids, request.custom_id.as_ref()).ok()?;
+        hashes.extend_from_slice(&id_hash(&ids[start..]).to_ne_bytes());
         ids.push(b'\n');
         tally.add(&request.body)?;
     }
-    Some((ids, tally))
+    Some((ids, hashes, tally))
 }
 
 /// `check_requests(lines: list[bytes]) -> tuple[bytes, dict[str, list[int]]] | None`:
@@ -473,7 +499,7 @@ fn check_requests(py: Python<'_>, lines: &PyList) -> PyResult<Option<(PyObject, 
         slices.push(item.downcast::<PyBytes>()?.as_bytes());
     }
     let answer = py.allow_threads(|| check_block_lines(&slices));
-    let (ids, tally) = match answer {
+    let (ids, _, tally) = match answer {
         Some(answer) => answer,
         None => return Ok(None),
     };
@@ -521,10 +547,11 @@ fn crlf_to_lf(py: Python<'_>, block: &PyBytes) -> PyResult<PyObject> {
     }
 }
 
-/// `check_block(block: bytes) -> tuple[bytes, dict[str, list[int]], int] | None`:
+/// `check_block(block: bytes) -> tuple[bytes, dict[str, list[int]], int, bytes] | None`:
 /// `check_requests` on a whole block of lines that ends with a newline (CRLF line ends
-/// allowed: CR is JSON whitespace), read with the GIL released: the JSON custom_ids, the
-/// per-model counts and the number of lines, or `None` if a line is not accepted.
+/// allowed: CR is JSON whitespace), read with the GIL released: the JSON custom_ids (each
+/// followed by a newline), the per-model counts, the number of lines and the ids' hashes
+/// (`hash_ids`), or `None` if a line is not accepted.
 #[pyfunction]
 fn check_block(py: Python<'_>, block: &PyBytes) -> PyResult<Option<PyObject>> {
     let bytes = block.as_bytes();
@@ -533,13 +560,18 @@ fn check_block(py: Python<'_>, block: &PyBytes) -> PyResult<Option<PyObject>> {
     }
     let answer = py.allow_threads(|| {
         let lines = split_block(bytes);
-        check_block_lines(&lines).map(|(ids, tally)| (ids, tally, lines.len()))
+        check_block_lines(&lines).map(|(ids, hashes, tally)| (ids, hashes, tally, lines.len()))
     });
-    let (ids, tally, count) = match answer {
+    let (ids, hashes, tally, count) = match answer {
         Some(answer) => answer,
         None => return Ok(None),
     };
-    let answer = (PyBytes::new(py, &ids), tally_dict(py, tally)?, count);
+    let answer = (
+        PyBytes::new(py, &ids),
+        tally_dict(py, tally)?,
+        count,
+        PyBytes::new(py, &hashes),
+    );
     Ok(Some(answer.into_py(py)))
 }
 
@@ -556,5 +588,6 @@ fn _native(_py: Python<'_>, module: &PyModule) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(check_requests, module)?)?;
     module.add_function(wrap_pyfunction!(check_block, module)?)?;
     module.add_function(wrap_pyfunction!(crlf_to_lf, module)?)?;
+    module.add_function(wrap_pyfunction!(hash_ids, module)?)?;
     Ok(())
 }
