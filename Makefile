@@ -44,8 +44,9 @@ $(VENV)/.native-1: $(NATIVE_SOURCES) | $(PY)
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq cargo >/dev/null; }
 	cd native && PATH="$$PATH:$$HOME/.cargo/bin" PYO3_PYTHON="$(abspath $(PY))" cargo build --release --quiet
-	cp native/target/release/lib_native.so \
-	  "tasks/_native$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+	# a new file moved into place: a running process keeps the one it loaded
+	so="tasks/_native$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"; \
+	  cp native/target/release/lib_native.so "$$so.tmp" && mv -f "$$so.tmp" "$$so"
 	rm -f $(VENV)/.native-0
 	touch $@
 

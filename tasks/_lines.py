@@ -54,6 +54,11 @@ native_check_requests: Any = getattr(_native, "check_requests", None)
 native_check_block: Any = getattr(_native, "check_block", None)
 native_crlf_to_lf: Any = getattr(_native, "crlf_to_lf", None)
 native_hash_ids: Any = getattr(_native, "hash_ids", None)
+native_join_block: Any = getattr(_native, "join_block", None)
+
+# What decoding a line may raise: msgspec's errors, and UnicodeDecodeError for bytes in a
+# string that are not UTF-8.
+DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError)
 
 NOT_PROCESSED = "not_processed"
 # Failures that a later attempt can get past: rate limits, server errors, lines never run.
@@ -494,7 +499,9 @@ class JoinedBlock:
     model code: an index into ``models`` (the block's own table of model names) for an ok
     line that reports its model and usage, else -1. Blank lines are skipped."""
 
-    __slots__ = ("data", "ids", "kinds", "tokens", "lengths", "start", "models", "codes")
+    __slots__ = (
+        "data", "ids", "hashes", "kinds", "tokens", "lengths", "start", "models", "codes"
+    )  # fmt: skip
 
     def __init__(self, lines: list[bytes]):
         decode = raw_result_decoder.decode
@@ -525,7 +532,7 @@ class JoinedBlock:
                             and memoryview(message.content)[0] not in _STR_OR_NULL
                         ):
                             strict(line)
-            except msgspec.MsgspecError:
+            except DECODE_ERRORS:
                 if not line.strip():
                     continue
                 # A line without a custom_id fails the join here; one that is otherwise
@@ -570,15 +577,43 @@ class JoinedBlock:
         table[None] = -1
         self.codes = array("i", map(table.__getitem__, models))
         self.data = bytes(out)
-        self.ids = list(map(msgspec.json.encode, ids))
+        self.ids: list[bytes] | bytes = list(map(msgspec.json.encode, ids))
+        self.hashes: bytes | None = None
         self.kinds = bytes(kinds)
         self.tokens = tokens
         self.lengths = array("q", map(sub, ends, [0, *ends[:-1]]))
         self.start = 0  # where the caller put ``data``
 
+    @classmethod
+    def joined_natively(cls, block: bytes) -> JoinedBlock | None:
+        """The same block from the compiled first pass (``native/``, GIL released), or
+        None where it does not read every line exactly as this class does: ``ids`` is then
+        one bytes (each JSON id followed by a newline) and ``hashes`` their ``hash_ids``."""
+        answer = native_join_block(block)
+        if answer is None:
+            return None
+        joined = cls.__new__(cls)
+        data, joined.ids, joined.hashes, joined.kinds, tokens, lengths, models, codes = answer
+        joined.data = data
+        joined.tokens, joined.lengths, joined.codes = array("i"), array("q"), array("i")
+        joined.tokens.frombytes(tokens)
+        joined.lengths.frombytes(lengths)
+        joined.codes.frombytes(codes)
+        joined.models = models
+        joined.start = 0
+        return joined
+
+    def id_list(self) -> list[bytes]:
+        """The JSON custom_ids, one a line."""
+        if isinstance(self.ids, list):
+            return self.ids
+        ids = self.ids.split(b"\n")
+        ids.pop()
+        return ids
+
     def pack(self) -> bytes:
         """The block minus its joined lines, as the helper sends it."""
-        ids = b"\n".join(self.ids)
+        ids = b"\n".join(self.id_list())
         models = msgspec.json.encode(self.models)
         head = struct.pack("<qqq", len(self.kinds), len(ids), len(models))
         return b"".join(
@@ -612,6 +647,7 @@ class JoinedBlock:
         block.models = msgspec.json.decode(blob[at : at + models_size], type=list[str])
         at += models_size
         block.ids = blob[at : at + ids_size].split(b"\n") if count else []
+        block.hashes = None
         if len(block.ids) != count or len(block.codes) != count:
             raise ValueError("helper answer does not add up")
         if count and max(block.codes) >= len(block.models):

@@ -18,7 +18,7 @@ import uuid
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate, compress
 from pathlib import Path
@@ -32,8 +32,10 @@ from pydantic import BaseModel, Field
 
 # to_joined, is_transient_failure and the codes are defined in tasks._lines, which imports no
 # Prefect, so that the join's helper process can run them; they are this module's API too.
+from prefect_kluster.tasks import _lines as line_work
 from prefect_kluster.tasks import storage
 from prefect_kluster.tasks._lines import (
+    DECODE_ERRORS,
     NOT_PROCESSED,
     OK,
     TRANSIENT,
@@ -41,6 +43,7 @@ from prefect_kluster.tasks._lines import (
     UNREAD,
     Helper,
     JoinedBlock,
+    hash_ids,
     is_transient_failure,
     read_blocks,
     split_lines,
@@ -121,9 +124,19 @@ _MAX_PENDING = 64
 # Lines of a window nearer than this in the scratch files are read with one read.
 _READ_GAP = 8192
 _CUSTOM_ID_PREFIX = b'{"custom_id":'
-# The index's key for a JSON custom_id: 64 bits, so two ids may share one; every lookup
-# checks the joined line it finds against the id it looked for (a name to test that with).
-_id_hash = hash
+# The index's key for a JSON custom_id is 64 bits (``hash_ids``), so two ids may share one;
+# every lookup checks the joined line it finds against the id it looked for. A test sets
+# ``_id_hash`` to a function of one id to make keys collide.
+_id_hash: Callable[[bytes], int] | None = None
+# Blocks the compiled first pass may have in hand, read ahead of the one being indexed.
+_NATIVE_AHEAD = 6
+
+
+def _hash_ids(json_ids: list[bytes]) -> bytes:
+    """The index keys of JSON custom_ids, as an ``array("q")``'s bytes."""
+    if _id_hash is None:
+        return hash_ids(json_ids)
+    return array("q", map(_id_hash, json_ids)).tobytes()
 
 
 class _Pending:
@@ -196,6 +209,9 @@ class _ResultIndex:
     # --- first pass ---------------------------------------------------------------------
 
     def _index_all(self) -> None:
+        if line_work.native_join_block is not None:
+            self._index_all_natively()
+            return
         helper = Helper.start(self.paths, scratch=str(self._scratch_paths[1]))
         pending: deque[tuple[int, JoinedBlock | _Pending]] = deque()
         try:
@@ -219,15 +235,58 @@ class _ResultIndex:
             if helper is not None:
                 helper.close()
 
-    def _join_here(self, data: bytes, file_no: int, offset: int) -> JoinedBlock:
+    def _index_all_natively(self) -> None:
+        """The first pass with the compiled join (``native/``): it releases the GIL, so
+        blocks are joined on two threads while this one reads ahead, writes the joined
+        lines and indexes them in order; no helper process. A block it does not take
+        (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``."""
+        joined = JoinedBlock.joined_natively
+        pending: deque[tuple[int, int, bytes, Future[JoinedBlock | None] | None]] = deque()
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kluster-join")
         try:
-            block = JoinedBlock(split_lines(data))
-        except msgspec.MsgspecError as exc:  # a line with no readable custom_id
-            raise self._unreadable_line(data, file_no, offset, exc) from None
+            for file_no, path in enumerate(self.paths):
+                with storage.open_file(path) as handle:
+                    for offset, data in read_blocks(handle):
+                        joining = pool.submit(joined, data) if data[-1] == 10 else None
+                        pending.append((file_no, offset, data, joining))
+                        while pending and (
+                            len(pending) > _NATIVE_AHEAD
+                            or pending[0][3] is None
+                            or pending[0][3].done()
+                        ):
+                            self._index_joined(*pending.popleft())
+            while pending:
+                self._index_joined(*pending.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _index_joined(
+        self,
+        file_no: int,
+        offset: int,
+        data: bytes,
+        joining: Future[JoinedBlock | None] | None,
+    ) -> None:
+        block = joining.result() if joining is not None else None
+        if block is None:
+            block = self._join_here(data, file_no, offset)
+        else:
+            self._place(block)
+        self._add(block, file_no, block.start)
+
+    def _place(self, block: JoinedBlock) -> None:
+        """Write a block's joined lines to the scratch file; ``start`` says where."""
         block.start = self._scratch_end
         self._scratch_end += len(block.data)
         self._writer.write(block.data)
         block.data = b""
+
+    def _join_here(self, data: bytes, file_no: int, offset: int) -> JoinedBlock:
+        try:
+            block = JoinedBlock(split_lines(data))
+        except DECODE_ERRORS as exc:  # a line with no readable custom_id
+            raise self._unreadable_line(data, file_no, offset, exc) from None
+        self._place(block)
         return block
 
     def _unreadable_line(
@@ -242,10 +301,10 @@ class _ResultIndex:
                 continue
             try:
                 result_decoder.decode(line)
-            except msgspec.MsgspecError:
+            except DECODE_ERRORS:
                 try:
                     custom_id_decoder.decode(line)
-                except msgspec.MsgspecError as problem:
+                except DECODE_ERRORS as problem:
                     return ResultFileError(path, number, f"not a result line: {problem}")
         return ResultFileError(path, None, f"not a results file: {exc}")
 
@@ -282,16 +341,23 @@ class _ResultIndex:
                 block = item
                 start = block.start
             pending.popleft()
-            if not block.lengths:
-                continue
-            if not self._file_runs or self._file_runs[-1][1] != file_no:
-                self._file_runs.append((len(self._hashes), file_no))
-            self._hashes.extend(map(_id_hash, block.ids))
-            self._starts.extend(accumulate(block.lengths[:-1], initial=start))
-            self._lengths.extend(block.lengths)
-            self._kinds.extend(block.kinds)
-            self._tokens.extend(block.tokens)
-            self._add_codes(block)
+            self._add(block, file_no, start)
+
+    def _add(self, block: JoinedBlock, file_no: int, start: int) -> None:
+        """Index a block whose joined lines begin at ``start``."""
+        if not block.lengths:
+            return
+        if not self._file_runs or self._file_runs[-1][1] != file_no:
+            self._file_runs.append((len(self._hashes), file_no))
+        hashes = block.hashes
+        if hashes is None or _id_hash is not None:
+            hashes = _hash_ids(block.id_list())
+        self._hashes.frombytes(hashes)
+        self._starts.extend(accumulate(block.lengths[:-1], initial=start))
+        self._lengths.extend(block.lengths)
+        self._kinds.extend(block.kinds)
+        self._tokens.extend(block.tokens)
+        self._add_codes(block)
 
     def _add_codes(self, block: JoinedBlock) -> None:
         """The block's model codes, turned into join-wide ones."""
@@ -362,7 +428,7 @@ class _ResultIndex:
     def slow_find(self, json_id: bytes) -> int:
         """The latest entry really for the custom_id ``json_id`` (past hash collisions)."""
         custom_id = msgspec.json.decode(json_id)
-        key = _id_hash(json_id)
+        key = array("q", _hash_ids([json_id]))[0]
         pos = int(np.searchsorted(self.keys, key, side="right")) - 1
         while pos >= 0 and self.keys[pos] == key:
             entry = int(self.order[pos])
@@ -378,7 +444,7 @@ class _ResultIndex:
         line = self._read(int(self.starts[entry]), int(self.lengths[entry]))
         try:
             return result_decoder.decode(line)
-        except msgspec.MsgspecError as exc:
+        except DECODE_ERRORS as exc:
             custom_id = custom_id_decoder.decode(line).custom_id
             firsts = [first for first, _ in self._file_runs]
             file_no = self._file_runs[bisect_right(firsts, entry) - 1][1]
@@ -474,7 +540,7 @@ def _last_line_of(path: str, custom_id: str) -> int | None:
             try:
                 if custom_id_decoder.decode(line).custom_id == custom_id:
                     found = number
-            except msgspec.MsgspecError:
+            except DECODE_ERRORS:
                 continue
     return found
 
@@ -559,7 +625,7 @@ def _join_window(
 ) -> None:
     """Write the joined lines of one window of custom_ids, in their order."""
     count = len(json_ids)
-    entries = index.find(np.fromiter(map(_id_hash, json_ids), dtype=np.int64, count=count))
+    entries = index.find(np.frombuffer(_hash_ids(json_ids), dtype=np.int64))
     hit = entries >= 0
     buf, at, sizes = index.fetch(entries[hit])
     # A 64-bit hash can collide: check that each joined line is its request's.

@@ -73,5 +73,6 @@ def without_native(monkeypatch: Any) -> None:
         "native_check_block",
         "native_crlf_to_lf",
         "native_hash_ids",
+        "native_join_block",
     ):
         monkeypatch.setattr(lines_module, name, None)

@@ -1,16 +1,18 @@
-"""The compiled request check (native/) against the Python check it stands in for.
+"""The compiled passes (native/) against the Python code they stand in for.
 
-The compiled check may turn down a block the Python check accepts (it is then checked again
-in Python, only slower), but it must never accept a line the Python check refuses, and when
-both accept they must give the same custom_ids and the same cost counts.
+The compiled request check may turn down a block the Python check accepts (it is then
+checked again in Python, only slower), but it must never accept a line the Python check
+refuses, and when both accept they must give the same custom_ids and cost counts. The same
+for the join's first pass: a block the compiled pass takes must come out byte for byte as
+``JoinedBlock`` makes it (joined lines, ids, kinds, token counts, lengths, models).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from array import array
 import sys
+from array import array
 from pathlib import Path
 
 import msgspec
@@ -21,11 +23,13 @@ from hypothesis import strategies as st
 from prefect_kluster.tasks import _lines as line_work
 from prefect_kluster.tasks._lines import (
     BlockCost,
+    JoinedBlock,
     ModelNotAllowed,
     check_requests_in_python,
     split_lines,
 )
-from prefect_kluster.tasks.build import RequestFileError, shard_and_tally
+from prefect_kluster.tasks.build import RequestFileError, shard_and_tally, shard_request_file
+from prefect_kluster.tasks.join import ResultFileError, join_result_files
 from tests.helpers import MODEL, request, without_native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,3 +351,345 @@ def test_duplicate_custom_ids_are_named_the_same_either_way(tmp_path, monkeypatc
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
     assert "line 8001: duplicate custom_id 'r1' (first used on line 2)" in messages[0]
+
+
+# --- the join's first pass ----------------------------------------------------------------
+
+
+def joined_fields(block: JoinedBlock) -> tuple:
+    return (
+        block.data,
+        block.id_list(),
+        bytes(block.kinds),
+        block.tokens.tobytes(),
+        block.lengths.tobytes(),
+        list(block.models),
+        block.codes.tobytes(),
+    )
+
+
+def assert_joins_alike(lines: list[bytes]) -> bool:
+    """The compiled pass takes a block only to make what JoinedBlock makes of it; True if
+    it took it."""
+    data = b"".join(line + b"\n" for line in lines)
+    ours = JoinedBlock.joined_natively(data)
+    try:
+        reference = JoinedBlock(lines)
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        assert ours is None, f"the compiled join took a block Python cannot read: {lines!r}"
+        return False
+    if ours is None:
+        return False
+    assert joined_fields(ours) == joined_fields(reference), lines
+    assert ours.hashes == native.hash_ids(reference.ids)
+    return True
+
+
+def test_realistic_result_files_join_the_same(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from data import write_results
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for realistic in (True, False):
+        out, err = tmp_path / f"out-{realistic}.jsonl", tmp_path / f"err-{realistic}.jsonl"
+        write_results(3000, out, err, realistic=realistic)
+        for path in (out, err):
+            assert assert_joins_alike(split_lines(path.read_bytes())), (realistic, path)
+
+
+def result(custom_id: str = "a", **fields: object) -> dict:
+    body = {
+        "model": "m",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    line: dict = {"custom_id": custom_id, "response": {"status_code": 200, "body": body}}
+    for path, value in fields.items():
+        *parents, leaf = path.split("__")
+        node = line
+        for key in parents:
+            node = node[key]
+        if value is DROP:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return line
+
+
+DROP = object()
+RESULT_CORNERS: dict[str, tuple[bytes, str]] = {
+    name: (json.dumps(obj, ensure_ascii=False).encode(), expected)
+    for name, obj, expected in [
+        ("ok", result(), "same"),
+        ("no usage", result(response__body__usage=DROP), "same"),
+        ("usage null", result(response__body__usage=None), "same"),
+        ("usage partial", result(response__body__usage={"prompt_tokens": 4}), "same"),
+        ("usage negative", result(response__body__usage={"prompt_tokens": -4}), "same"),
+        ("usage over 32 bits", result(response__body__usage={"total_tokens": 2**40}), "same"),
+        ("usage over 64 bits", result(response__body__usage={"total_tokens": 2**70}), "python"),
+        ("usage float", result(response__body__usage={"total_tokens": 1.5}), "python"),
+        ("no model", result(response__body__model=DROP), "same"),
+        ("model null", result(response__body__model=None), "same"),
+        ("model a number", result(response__body__model=5), "python"),
+        ("no choices", result(response__body__choices=[]), "same"),
+        ("choices null", result(response__body__choices=None), "python"),
+        ("choice without message", result(response__body__choices=[{"index": 0}]), "same"),
+        ("message null", result(response__body__choices=[{"message": None}]), "same"),
+        ("message without content", result(response__body__choices=[{"message": {}}]), "same"),
+        ("content null", result(response__body__choices=[{"message": {"content": None}}]), "same"),
+        (
+            "content a number",
+            result(response__body__choices=[{"message": {"content": 5}}]),
+            "python",
+        ),
+        (
+            "second choice's content an object",
+            result(
+                response__body__choices=[
+                    {"message": {"content": "x"}},
+                    {"message": {"content": {}}},
+                ]
+            ),
+            "python",
+        ),
+        ("finish_reason null", result(response__body__choices=[{"finish_reason": None}]), "same"),
+        ("status 201", result(response__status_code=201), "same"),
+        ("status missing", result(response__status_code=DROP), "same"),
+        ("status null", result(response__status_code=None), "python"),
+        ("request_id a number", result(response__request_id=5), "python"),
+        ("response null", result(response=None), "same"),
+        ("no response", result(response=DROP), "same"),
+        ("body null", result(response__body=None), "same"),
+        ("line error", result(error={"code": "server_error", "message": "down"}), "same"),
+        ("line error empty", result(error={}), "same"),
+        ("line error null", result(error=None), "same"),
+        ("line error code a number", result(error={"code": 5}), "python"),
+        (
+            "body error dict",
+            result(
+                response__status_code=400,
+                response__body__error={"message": "bad", "type": "t"},
+            ),
+            "same",
+        ),
+        (
+            "body error dict, code over type",
+            result(response__status_code=400, response__body__error={"code": "c", "type": "t"}),
+            "same",
+        ),
+        (
+            "body error empty strings",
+            result(
+                response__status_code=400,
+                response__body__error={"message": "", "code": "", "type": ""},
+                response__body__message="",
+            ),
+            "same",
+        ),
+        (
+            "body error string",
+            result(response__status_code=429, response__body__error="slow down"),
+            "same",
+        ),
+        ("body error empty dict", result(response__body__error={}), "same"),
+        (
+            "body error message a number",
+            result(response__body__error={"message": 5}),
+            "python",
+        ),
+        ("body error a list", result(response__body__error=[1]), "python"),
+        ("body message", result(response__status_code=503, response__body__message="m"), "same"),
+        ("status 500 no body", result(response__status_code=500, response__body=None), "same"),
+        ("transient code", result(error={"code": "rate_limit_exceeded"}), "same"),
+        ("not transient 404", result(response__status_code=404), "same"),
+        ("not transient 499", result(response__status_code=499), "same"),
+        ("transient 429", result(response__status_code=429), "same"),
+        ("no custom_id", {"response": None}, "python"),
+        ("custom_id a number", {"custom_id": 5}, "python"),
+        ("odd custom_id", result('q"\\\x01é🎉\u2028'), "same"),
+    ]
+}
+RESULT_CORNERS["lone surrogate in content"] = (
+    json.dumps(result()).encode().replace(b'"hi"', b'"\\udc00"'),
+    "python",
+)
+RESULT_CORNERS["surrogate pair in content"] = (
+    json.dumps(result()).encode().replace(b'"hi"', b'"\\ud83d\\ude00 \\u00e9"'),
+    "same",
+)
+RESULT_CORNERS["duplicate key"] = (
+    json.dumps(result()).encode().replace(b'"model": "m"', b'"model": "m", "model": "n"'),
+    "python",
+)
+RESULT_CORNERS["unknown 1e999"] = (json.dumps(result()).encode()[:-1] + b', "x": 1e999}', "python")
+RESULT_CORNERS["CR at the end"] = (json.dumps(result()).encode() + b"\r", "same")
+RESULT_CORNERS["not json"] = (b"not json", "python")
+
+
+@pytest.mark.parametrize("name", sorted(RESULT_CORNERS))
+def test_result_corner_cases(name):
+    data, expected = RESULT_CORNERS[name]
+    lines = [json.dumps(result("before")).encode(), data, b"", b"  "]
+    took = assert_joins_alike(lines)
+    assert took == (expected == "same")
+
+
+results = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=4,
+)
+strings = st.one_of(st.none(), texts)
+result_lines = st.fixed_dictionaries(
+    {"custom_id": texts},
+    optional={
+        "response": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "status_code": st.sampled_from([200, 201, 299, 300, 400, 429, 500, 503]),
+                    "request_id": strings,
+                    "body": st.one_of(
+                        st.none(),
+                        st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "model": strings,
+                                "choices": st.lists(
+                                    st.fixed_dictionaries(
+                                        {},
+                                        optional={
+                                            "message": st.one_of(
+                                                st.none(),
+                                                st.fixed_dictionaries(
+                                                    {}, optional={"content": strings}
+                                                ),
+                                            ),
+                                            "finish_reason": strings,
+                                        },
+                                    ),
+                                    max_size=2,
+                                ),
+                                "usage": st.one_of(
+                                    st.none(),
+                                    st.fixed_dictionaries(
+                                        {},
+                                        optional={
+                                            "prompt_tokens": st.integers(-5, 2**33),
+                                            "completion_tokens": st.integers(0, 99),
+                                            "total_tokens": st.integers(0, 99),
+                                        },
+                                    ),
+                                ),
+                                "error": st.one_of(
+                                    strings,
+                                    st.fixed_dictionaries(
+                                        {},
+                                        optional={
+                                            "message": strings,
+                                            "code": strings,
+                                            "type": strings,
+                                            "param": results,
+                                        },
+                                    ),
+                                ),
+                                "message": strings,
+                                "extra": results,
+                            },
+                        ),
+                    ),
+                },
+            ),
+        ),
+        "error": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "code": st.one_of(strings, st.sampled_from(["timeout", "batch_expired"])),
+                    "message": strings,
+                },
+            ),
+        ),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(result_lines, min_size=1, max_size=4), st.booleans())
+def test_generated_results_join_alike(objs, ensure_ascii):
+    assert_joins_alike([line(obj, ensure_ascii) for obj in objs])
+
+
+def test_mutated_result_lines_join_alike_or_go_to_python():
+    rng = random.Random(20261127)
+    seeds = [
+        line(result("id-1", response__body__choices=[{"message": {"content": "Grüße 世界 🎉"}}])),
+        line(result("id-2", response__status_code=500, response__body__error={"message": "x"})),
+        line(result("id-3", error={"code": "timeout", "message": "late"}), ensure_ascii=True),
+    ]
+    alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
+    took = 0
+    for _ in range(6000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            op = rng.randrange(3)
+            if op == 0 and at < len(data):
+                del data[at]
+            elif op == 1:
+                data.insert(at, rng.choice(alphabet))
+            elif at < len(data):
+                data[at] = rng.choice(alphabet)
+        if b"\n" in data:
+            continue
+        took += assert_joins_alike([bytes(data)])
+    assert took > 500
+
+
+def test_the_join_writes_the_same_file_either_way(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from data import realistic_ids, write_results
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    n = 9000
+    requests_path = tmp_path / "in.jsonl"
+    requests_path.write_bytes(
+        b"".join(line(request(custom_id)) + b"\n" for custom_id, _ in realistic_ids(n))
+    )
+    shards = shard_request_file(requests_path, tmp_path / "shards", max_file_bytes=400_000)
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    write_results(n, out, err, realistic=True)
+    # a later round for some lines, and an unreadable line no request needs
+    retry = tmp_path / "retry.jsonl"
+    first_ids = [json.loads(x)["custom_id"] for x in out.read_bytes().splitlines()[:50]]
+    retry.write_bytes(
+        b"".join(line(result(i, response__status_code=500)) + b"\n" for i in first_ids)
+        + b'{"custom_id": "ghost", "response": 5}\n'
+    )
+    # the same unreadable line for a request that needs it: the join fails naming it
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"custom_id": "' + first_ids[0].encode() + b'", "response": 5}\n')
+    paths = [str(out), str(err), str(retry)]
+    outputs = []
+    for mode in ("compiled", "python"):
+        if mode == "python":
+            without_native(monkeypatch)
+        target = tmp_path / f"{mode}.jsonl"
+        summary = join_result_files(shards, paths, target, retry_ids_path=tmp_path / f"{mode}.ids")
+        with pytest.raises(ResultFileError) as caught:
+            join_result_files(shards, [*paths, str(broken)], tmp_path / f"{mode}-broken.jsonl")
+        outputs.append(
+            (
+                summary.model_dump(exclude={"output_path"}),
+                target.read_bytes(),
+                (tmp_path / f"{mode}.ids").read_bytes(),
+                str(caught.value),
+            )
+        )
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0]["requests"] == n and outputs[0][0]["retryable"] >= 50
+    assert "broken.jsonl, line 1" in outputs[0][3]
