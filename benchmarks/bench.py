@@ -28,6 +28,9 @@ peak RSS is the step's own:
      estimate's throughput cost; peak RSS at 100k and at N;
   e. the join of N real-world result lines (answers in many scripts, UTF-8), against a
      plain read of the result files in the same process.
+     Our (d) and (e) run the compiled passes (native/) when they are built; a "python" row
+     beside each runs the same step with PREFECT_KLUSTER_NATIVE=0, what a plain pip install
+     runs (for information: the targets are on the first figure).
   f. fan-out (issue 10, benchmarks/fanout_bench.py): the same job of N real-world requests
      on one process worker and on two (``limits.distribute``), on PostgreSQL, a Prefect
      server and the emulator as a subprocess: wall time and peak RSS per worker; no target.
@@ -101,15 +104,20 @@ TARGETS = {
 IN_PROCESS = False
 
 
-def run_step(step: str, **args: Any) -> dict[str, Any]:
-    """Run one step in a fresh interpreter; its last output line is its JSON result."""
+def run_step(step: str, env: dict[str, str] | None = None, **args: Any) -> dict[str, Any]:
+    """Run one step in a fresh interpreter (with ``env`` added to its environment); its last
+    output line is its JSON result."""
     os.sync()  # earlier steps' writes go to disk now, not during this step's timing
     load = os.getloadavg()[0]
     if IN_PROCESS:
         from steps import run_in_process
 
         return {**run_in_process(step, args), "load": load}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
+    }
     proc = subprocess.run(
         [sys.executable, str(STEPS), step, json.dumps(args)],
         cwd=str(ROOT),
@@ -277,6 +285,9 @@ def bench_shard(
     )
     speedup = base["seconds"] / ours["seconds"]
     report.row("a shard", "ours", n, ours, size, f"{speedup:.2f}x")
+    python_only(report, "d real shard", n, size, "real-shard", work / "real-shards-python",
+                source=str(source), out_dir=str(work / "real-shards-python"),
+                without_estimate=False)  # fmt: skip
     growth = ours["peak_rss_mb"] - ours_small["peak_rss_mb"]
     print(
         f"  peak RSS growth N={small_n:,} -> N={n:,}: {growth:+.1f} MB "
@@ -464,6 +475,9 @@ def bench_real_shard(
         f"{estimate_cost:.2f}x the time",
         flush=True,
     )
+    python_only(report, "d real shard", n, size, "real-shard", work / "real-shards-python",
+                source=str(source), out_dir=str(work / "real-shards-python"),
+                without_estimate=False)  # fmt: skip
     growth = ours["peak_rss_mb"] - ours_small["peak_rss_mb"]
     print(
         f"  peak RSS growth N={small_n:,} -> N={n:,}: {growth:+.1f} MB "
@@ -485,6 +499,22 @@ def bench_real_shard(
         f"{check(growth < TARGETS['real_rss_growth_mb'])}"
     )
     return ours["shards"]
+
+
+def python_only(
+    report: Report, row: str, n: int, size: int, step: str, made: Path, **args: Any
+) -> None:
+    """The same step without the compiled passes (PREFECT_KLUSTER_NATIVE=0): what a plain
+    pip install runs. For information; the target is the figure above."""
+    if IN_PROCESS:
+        print("  (python only: not run with --in-process)", flush=True)
+        return
+    r = run_step(step, env={"PREFECT_KLUSTER_NATIVE": "0"}, **args)
+    if made.is_dir():
+        shutil.rmtree(made)
+    else:
+        made.unlink(missing_ok=True)
+    report.row(row, "python", n, r, size, f"{r['read_seconds'] / r['seconds']:.2f}")
 
 
 def bench_real_join(
@@ -512,6 +542,9 @@ def bench_real_join(
     of_read = read / ours["seconds"]
     report.read_row("e real join", n, read, size, ours["load"])
     report.row("e real join", "ours", n, ours, size, f"{of_read:.2f}")
+    python_only(report, "e real join", n, size, "real-join", work / "real-joined-python",
+                shards_json=str(shards_json), result_paths=[str(p) for p in result_paths],
+                output=str(work / "real-joined-python"))  # fmt: skip
     report.verdict(
         f"real-world join {mb(size) / ours['seconds']:.1f} MB/s = {of_read:.2f} of a plain read "
         f"of the result files ({mb(size) / read:.1f} MB/s, same run) >= "

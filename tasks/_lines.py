@@ -1,6 +1,9 @@
 """Line-level work of validate-and-shard and of the join, importable without Prefect.
 
-Decoding is the bottleneck of both steps (about 1 us a line), so large inputs are split
+Decoding is the bottleneck of both steps. Where the compiled passes (``native/``) are
+built, they do it with the GIL released, on two threads of this process (the callers in
+``tasks.build`` and ``tasks.join``), and hand any block they are not sure of to the Python
+code here, the reference they are tested against. Without them, large inputs are split
 between this process and one helper process (``Helper``) on another core. The helper
 imports only this module, ``prefect_kluster.tasks.schema`` and msgspec (not the package
 ``prefect_kluster.tasks``, which imports Prefect: 2 s and 110 MB), so it starts in about

@@ -100,8 +100,9 @@ def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
 
 
 # Input is read in blocks of whole lines (tasks._lines.read_blocks). Each block is checked
-# with one decode per line, here or in a helper process, and written with one write per
-# shard piece; a helper thread hashes and writes (hashlib and file writes release the GIL).
+# with one decode per line: by the compiled check on two threads when it is built, else
+# here or in a helper process; and written with one write per shard piece; a helper thread
+# hashes and writes (hashlib and file writes release the GIL).
 _PENDING_WRITES = 4
 
 

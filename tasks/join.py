@@ -3,10 +3,11 @@
 The service does not promise output order, so the join takes two passes. The first
 decodes every result line once and writes its joined line to a scratch file, keeping an
 index of about 40 bytes a result (a 64-bit hash of the custom_id, where the joined line
-is, its kind and token counts); on large inputs a helper process on a second core does
-part of it. The second pass reads the custom_ids of the requests a window at a time and
-copies their joined lines into the output, in input order; when the results came in
-input order, as they usually do, the reads are sequential.
+is, its kind and token counts): on two threads by the compiled pass when it is built, else
+here, with a helper process on a second core for part of a large input. The second pass
+reads the custom_ids of the requests a window at a time and copies their joined lines into
+the output, in input order; when the results came in input order, as they usually do, the
+reads are sequential.
 """
 
 from __future__ import annotations
