@@ -23,7 +23,8 @@ install-dev: $(VENV)/.installed-dev native browser
 
 # The compiled request check (native/, Rust): built offline from the crates Debian packages
 # (these machines reach no crate registry), into tasks/ beside the Python check it speeds up.
-# `make NATIVE=0 ...` skips it; everything then runs on the Python check.
+# `make NATIVE=0 ...` skips it (and turns it off for the tests); everything then runs on the
+# Python code.
 NATIVE ?= 1
 NATIVE_CRATES := librust-pyo3-dev librust-serde-json-dev librust-memchr-dev librust-simdutf8-dev
 NATIVE_SOURCES := native/Cargo.toml native/.cargo/config.toml $(wildcard native/src/*.rs)
@@ -34,8 +35,10 @@ $(VENV)/.native-0: | $(PY)
 	rm -f tasks/_native.*.so $(VENV)/.native-1
 	touch $@
 
+# The module is copied in as a new file and moved into place: a running process keeps the
+# one it loaded.
 $(VENV)/.native-1: $(NATIVE_SOURCES) | $(PY)
-	@ls -d /usr/share/cargo/registry/pyo3-0.17* /usr/share/cargo/registry/simdutf8-* >/dev/null 2>&1 || { \
+	@cd /usr/share/cargo/registry 2>/dev/null && ls -d pyo3-0.17* serde_json-1* memchr-2* simdutf8-0* >/dev/null 2>&1 || { \
 	  echo "installing Debian's Rust crates for the compiled check"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(NATIVE_CRATES) >/dev/null; }
@@ -44,7 +47,6 @@ $(VENV)/.native-1: $(NATIVE_SOURCES) | $(PY)
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq cargo >/dev/null; }
 	cd native && PATH="$$PATH:$$HOME/.cargo/bin" PYO3_PYTHON="$(abspath $(PY))" cargo build --release --quiet
-	# a new file moved into place: a running process keeps the one it loaded
 	so="tasks/_native$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"; \
 	  cp native/target/release/lib_native.so "$$so.tmp" && mv -f "$$so.tmp" "$$so"
 	rm -f $(VENV)/.native-0
@@ -82,11 +84,14 @@ $(PREFECT_TEMPLATE): $(VENV)/.installed-dev
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: install-dev postgres $(PREFECT_TEMPLATE)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PREFECT_KLUSTER_NATIVE=$(NATIVE) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@if (cd native && PATH="$$PATH:$$HOME/.cargo/bin" cargo fmt --version) >/dev/null 2>&1; then \
+	  cd native && PATH="$$PATH:$$HOME/.cargo/bin" cargo fmt --check; \
+	else echo "rustfmt not installed: native/ not checked"; fi
 
 format: install-dev
 	$(VENV)/bin/ruff check --fix .

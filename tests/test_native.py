@@ -10,6 +10,7 @@ for the join's first pass: a block the compiled pass takes must come out byte fo
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from array import array
@@ -34,10 +35,11 @@ from tests.helpers import MODEL, request, without_native
 
 ROOT = Path(__file__).resolve().parent.parent
 
-native = pytest.importorskip(
-    "prefect_kluster.tasks._native",
-    reason="the compiled check is not built (make native)",
-)
+if os.environ.get("PREFECT_KLUSTER_NATIVE") == "0":  # built without it: make NATIVE=0
+    pytest.skip("the compiled passes are turned off", allow_module_level=True)
+# `make test` builds them (make native): a run without them would test only the Python code,
+# so their absence fails here rather than skipping.
+from prefect_kluster.tasks import _native as native  # noqa: E402
 
 
 def python_answer(lines: list[bytes]) -> tuple[list[bytes], dict[str, list[int]]] | None:
