@@ -57,6 +57,7 @@ RATE = 2.0  # lines per second per batch: a batch runs for 1.5 s, so batches ove
 HOLD_RATE = 0.02  # while a test needs batches still running: 150 s per batch
 RUN_TIMEOUT = 180.0  # a parent and four children: fresh Python processes on a shared machine
 FINISHED = {"completed", "failed", "expired", "cancelled"}
+WORKER = "prefect.worker.name"  # the label a worker gives the runs it takes
 HEARTBEAT = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of every flow run (Prefect's minimum)
 COLLECT_DEPLOYMENT = "kluster-collect-batches/collect"
 
@@ -358,7 +359,12 @@ def test_worker_and_parent_killed_while_children_wait(stack: Stack) -> None:
     attempts = {g: [c for c in after if c["group"] == g] for g in range(GROUPS)}
     for g, runs in attempts.items():
         if g not in lost:
-            assert len(runs) == 1, f"group {g} was started again: {runs}"
+            ended = [flow_run(stack.server, c["flow_run_id"]) for c in runs[:-1]]
+            how = [
+                (r["state_type"], r["state"]["message"], (r.get("labels") or {}).get(WORKER))
+                for r in ended
+            ]
+            assert len(runs) == 1, f"group {g} was started again: {runs} after {how}; lost {lost}"
             continue
         assert [c["attempt"] for c in runs] == [1, 2], runs
         first, second = (flow_run(stack.server, c["flow_run_id"]) for c in runs)
