@@ -285,9 +285,6 @@ def bench_shard(
     )
     speedup = base["seconds"] / ours["seconds"]
     report.row("a shard", "ours", n, ours, size, f"{speedup:.2f}x")
-    python_only(report, "d real shard", n, size, "real-shard", work / "real-shards-python",
-                source=str(source), out_dir=str(work / "real-shards-python"),
-                without_estimate=False)  # fmt: skip
     growth = ours["peak_rss_mb"] - ours_small["peak_rss_mb"]
     print(
         f"  peak RSS growth N={small_n:,} -> N={n:,}: {growth:+.1f} MB "
