@@ -191,10 +191,13 @@ class _ResultIndex:
             self.close()
             raise
         self._fds = [f.fileno() for f in self._files]
-        keys = np.frombuffer(self._hashes, dtype=np.int64)
-        # Stable: equal keys stay in file order, so the last of a run is the latest result.
-        self.order = np.argsort(keys, kind="stable")
-        self.keys = keys[self.order]
+        self._file_keys = np.frombuffer(self._hashes, dtype=np.int64)
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        # Each key's latest entry in a hash table (the compiled module's), when it is built:
+        # one probe a lookup, where the sorted keys take a binary search.
+        self._latest = None
+        if line_work.native_latest_entries is not None:
+            self._latest = line_work.native_latest_entries(self._hashes.tobytes())
         self.starts = np.frombuffer(self._starts, dtype=np.int64)
         self.lengths = np.frombuffer(self._lengths, dtype=np.int64)
         self.kinds = np.frombuffer(self._kinds, dtype=np.int8)
@@ -384,16 +387,27 @@ class _ResultIndex:
             return os.pread(self._fds[1], size, start - _HELPER_SCRATCH)
         return os.pread(self._fds[0], size, start)
 
+    def _by_key(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, keys): the entries sorted by key, made when first needed. Stable: equal
+        keys stay in file order, so the last of a run is the latest result."""
+        if self._sorted is None:
+            order = np.argsort(self._file_keys, kind="stable")
+            self._sorted = (order, self._file_keys[order])
+        return self._sorted
+
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The index entry of each key's latest result, -1 where there is none."""
-        if not len(self.keys):
+        if self._latest is not None:
+            return np.frombuffer(self._latest.find(keys.tobytes()), dtype=np.int64)
+        order, sorted_keys = self._by_key()
+        if not len(sorted_keys):
             return np.full(len(keys), -1, dtype=np.int64)
         by_key = np.argsort(keys)  # searching in order is kinder to the cache
         pos = np.empty(len(keys), dtype=np.int64)
-        pos[by_key] = np.searchsorted(self.keys, keys[by_key], side="right") - 1
+        pos[by_key] = np.searchsorted(sorted_keys, keys[by_key], side="right") - 1
         clipped = np.maximum(pos, 0)
-        hit = (pos >= 0) & (self.keys[clipped] == keys)
-        return np.where(hit, self.order[clipped], -1)
+        hit = (pos >= 0) & (sorted_keys[clipped] == keys)
+        return np.where(hit, order[clipped], -1)
 
     def fetch(self, entries: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
         """The scratch lines of ``entries`` (all >= 0): one buffer holding them, and each
@@ -430,9 +444,10 @@ class _ResultIndex:
         """The latest entry really for the custom_id ``json_id`` (past hash collisions)."""
         custom_id = msgspec.json.decode(json_id)
         key = array("q", _hash_ids([json_id]))[0]
-        pos = int(np.searchsorted(self.keys, key, side="right")) - 1
-        while pos >= 0 and self.keys[pos] == key:
-            entry = int(self.order[pos])
+        order, sorted_keys = self._by_key()
+        pos = int(np.searchsorted(sorted_keys, key, side="right")) - 1
+        while pos >= 0 and sorted_keys[pos] == key:
+            entry = int(order[pos])
             line = self._read(int(self.starts[entry]), int(self.lengths[entry]))
             if custom_id_decoder.decode(line).custom_id == custom_id:
                 return entry

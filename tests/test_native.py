@@ -695,3 +695,21 @@ def test_the_join_writes_the_same_file_either_way(tmp_path, monkeypatch):
     assert outputs[0] == outputs[1]
     assert outputs[0][0]["requests"] == n and outputs[0][0]["retryable"] >= 50
     assert "broken.jsonl, line 1" in outputs[0][3]
+
+
+def test_the_latest_entry_table_finds_what_the_sorted_keys_find():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    keys = rng.integers(-50, 50, size=2000, dtype=np.int64)  # many repeats: later ones win
+    keys[::7] = rng.integers(-(2**63), 2**63 - 1, size=len(keys[::7]), dtype=np.int64)
+    wanted = np.concatenate([keys[::3], rng.integers(-100, 100, size=500, dtype=np.int64)])
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    pos = np.searchsorted(sorted_keys, wanted, side="right") - 1
+    clipped = np.maximum(pos, 0)
+    expected = np.where((pos >= 0) & (sorted_keys[clipped] == wanted), order[clipped], -1)
+    table = native.LatestEntries(keys.tobytes())
+    found = np.frombuffer(table.find(wanted.tobytes()), dtype=np.int64)
+    assert (found == expected).all() and (found == -1).any() and (found >= 0).any()
+    assert np.frombuffer(native.LatestEntries(b"").find(wanted.tobytes()), np.int64).max() == -1

@@ -622,3 +622,67 @@ pub(crate) fn join_block(py: Python<'_>, block: &PyBytes) -> PyResult<Option<PyO
     );
     Ok(Some(answer.into_py(py)))
 }
+
+/// A hasher for keys that are already 64-bit hashes (`hash_ids`): the key, mixed once.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ byte as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_i64(&mut self, key: i64) {
+        self.0 = (key as u64 ^ (key as u64 >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The join's lookup: each index key's latest entry (the last in file order; later files
+/// take precedence), built once from the index's keys; what a stable sort and a binary
+/// search of them answer, in one hash probe a key.
+#[pyclass]
+pub(crate) struct LatestEntries {
+    latest: HashMap<i64, i64, std::hash::BuildHasherDefault<KeyHasher>>,
+}
+
+fn i64s(bytes: &[u8]) -> impl Iterator<Item = i64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|b| i64::from_ne_bytes(b.try_into().expect("8 bytes")))
+}
+
+#[pymethods]
+impl LatestEntries {
+    /// `LatestEntries(keys: bytes)`: the keys of entries 0, 1, 2... as an `array("q")`'s bytes.
+    #[new]
+    fn new(py: Python<'_>, keys: &PyBytes) -> Self {
+        let keys = keys.as_bytes();
+        let latest = py.allow_threads(|| {
+            let mut latest = HashMap::with_capacity_and_hasher(keys.len() / 8, Default::default());
+            for (entry, key) in i64s(keys).enumerate() {
+                latest.insert(key, entry as i64);
+            }
+            latest
+        });
+        LatestEntries { latest }
+    }
+
+    /// `find(keys: bytes) -> bytes`: each key's latest entry, -1 where it has none, as an
+    /// `array("q")`'s bytes.
+    fn find(&self, py: Python<'_>, keys: &PyBytes) -> PyObject {
+        let keys = keys.as_bytes();
+        let found = py.allow_threads(|| {
+            let mut found = Vec::with_capacity(keys.len());
+            for key in i64s(keys) {
+                found
+                    .extend_from_slice(&self.latest.get(&key).copied().unwrap_or(-1).to_ne_bytes());
+            }
+            found
+        });
+        PyBytes::new(py, &found).into()
+    }
+}
