@@ -277,6 +277,9 @@ def test_mutated_lines_are_never_accepted_when_python_refuses_them():
                 data.insert(at, rng.choice(alphabet))
             elif at < len(data):
                 data[at] = rng.choice(alphabet)
+            if rng.random() < 0.2:  # a piece of the line again: duplicated keys, nesting
+                end = rng.randrange(at, min(len(data), at + 20) + 1)
+                data[at:at] = data[at:end]
         if assert_agrees([bytes(data)]):
             accepted += 1
         else:
@@ -631,6 +634,8 @@ def test_mutated_result_lines_join_alike_or_go_to_python():
         line(result("id-1", response__body__choices=[{"message": {"content": "Grüße 世界 🎉"}}])),
         line(result("id-2", response__status_code=500, response__body__error={"message": "x"})),
         line(result("id-3", error={"code": "timeout", "message": "late"}), ensure_ascii=True),
+        line(result("id-4", response__body__usage={"prompt_tokens": 2**31 - 1, "total_tokens": 5})),
+        line(result("id-5", response__body__error="slow down", response__body__message="m")),
     ]
     alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
     took = 0
@@ -645,6 +650,9 @@ def test_mutated_result_lines_join_alike_or_go_to_python():
                 data.insert(at, rng.choice(alphabet))
             elif at < len(data):
                 data[at] = rng.choice(alphabet)
+            if rng.random() < 0.2:  # a piece of the line again: duplicated keys, nesting
+                end = rng.randrange(at, min(len(data), at + 20) + 1)
+                data[at:at] = data[at:end]
         if b"\n" in data:
             continue
         took += assert_joins_alike([bytes(data)])
