@@ -19,12 +19,14 @@ import subprocess
 import sys
 import threading
 from array import array
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from operator import attrgetter, sub
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -47,13 +49,15 @@ from prefect_kluster.tasks.schema import (
 # The compiled request check (native/, built by `make native`): the same answers for a valid
 # block, 2.5x faster on one core and with the GIL released; absent (a plain pip install, no
 # Rust toolchain) or turned off with PREFECT_KLUSTER_NATIVE=0, the Python check does all.
+T = TypeVar("T")
+R = TypeVar("R")
+
 _native: Any = None
 if os.environ.get("PREFECT_KLUSTER_NATIVE", "1") != "0":
     try:
         from prefect_kluster.tasks import _native
     except ImportError:
         pass
-native_check_requests: Any = getattr(_native, "check_requests", None)
 native_check_block: Any = getattr(_native, "check_block", None)
 native_crlf_to_lf: Any = getattr(_native, "crlf_to_lf", None)
 native_hash_ids: Any = getattr(_native, "hash_ids", None)
@@ -195,6 +199,35 @@ def crlf_to_lf(block: bytes) -> bytes:
         return block
     pieces.append(block[start:])
     return b"".join(pieces)
+
+
+# Blocks read ahead of the one being taken on the compiled passes' path: enough to keep both
+# threads busy, few enough to keep memory flat (2 to 4 MB each).
+NATIVE_AHEAD = 6
+
+
+def in_order_on_threads(
+    items: Iterable[T], wanted: Callable[[T], bool], work: Callable[[T], R], name: str
+) -> Iterator[tuple[T, R | None]]:
+    """Each item with ``work(item)``'s answer (None for an item not ``wanted``, asked as it
+    is read), in the items' order. ``work`` runs on two threads while the caller takes the
+    answers, up to ``NATIVE_AHEAD`` items ahead: it gains only by releasing the GIL, as the
+    compiled passes do. Close the iterator to stop early; the work still running ends first."""
+    pending: deque[tuple[T, Future[R] | None]] = deque()
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=name)
+    try:
+        for item in items:
+            pending.append((item, pool.submit(work, item) if wanted(item) else None))
+            while pending and (
+                len(pending) > NATIVE_AHEAD or pending[0][1] is None or pending[0][1].done()
+            ):
+                item, answer = pending.popleft()
+                yield item, answer.result() if answer is not None else None
+        while pending:
+            item, answer = pending.popleft()
+            yield item, answer.result() if answer is not None else None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def hash_ids(ids: list[bytes]) -> bytes:
@@ -388,28 +421,7 @@ def check_requests(
     are decoded with their message contents left raw; each content is then checked on its
     own, except that a long one already checked in this block (same bytes) is not checked
     again. Either way, what this accepts ``request_decoder`` accepts, with the same counts.
-
-    The compiled check answers first when it is built: it accepts only what this accepts,
-    with the same ids and counts (tests/test_native.py), and passes any block it does not
-    accept (a problem, or a shape it is stricter about) to the Python check, which decides
-    and names the problem."""
-    if native_check_requests is not None:
-        checked = native_check_requests(lines)
-        if checked is not None:
-            blob, counts = checked
-            if models is None or models.issuperset(counts):
-                if cost is not None:
-                    cost.merge(BlockCost(counts))
-                ids = blob.split(b"\n")
-                ids.pop()
-                return ids
-    return check_requests_in_python(lines, models, cost)
-
-
-def check_requests_in_python(
-    lines: list[bytes], models: frozenset[str] | None, cost: BlockCost | None = None
-) -> list[bytes]:
-    """``check_requests`` without the compiled check: the reference it is held to."""
+    The compiled check (``native_check_block``) is held to this one."""
     decode_whole = request_decoder.decode
     if cost is None:
         if models is None:

@@ -20,6 +20,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, BinaryIO
@@ -37,7 +38,6 @@ from prefect_kluster.tasks._lines import (
     Helper,
     ModelNotAllowed,
     check_requests,
-    check_requests_in_python,
     crlf_to_lf,
     hash_id,
     hash_ids,
@@ -388,17 +388,11 @@ class _Sharding:
         pending: deque[_Block] = deque()
         try:
             for offset, raw in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
-                count = raw.count(b"\n")
-                complete = count and raw[-1] == 10  # ends with a newline
-                # CRLF line ends become LF here; the helper reads the file's own bytes (CR
-                # before a newline is JSON whitespace to it).
-                data = crlf_to_lf(raw) if complete else raw
-                block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
-                self.lines += block.count
+                block = self._block(offset, raw)
                 if (
                     helper is not None
                     and helper.can_take()
-                    and complete
+                    and raw[-1] == 10  # ends with a newline
                     and len(raw) < self.max_file_bytes
                     and not self.problems
                     and helper.send(0, offset, len(raw))
@@ -414,9 +408,8 @@ class _Sharding:
             if helper is not None:
                 helper.close()
 
-    def _check(self, block: _Block, native_tried: bool = False) -> None:
-        """The fast check of a whole block, here (by the Python check alone when the
-        compiled one has already turned the block down)."""
+    def _check(self, block: _Block) -> None:
+        """The fast check of a whole block, here."""
         data = block.data
         if data[-1:] != b"\n":  # the file's last line, without its newline
             data = block.data = crlf_to_lf(data + b"\n")
@@ -430,8 +423,7 @@ class _Sharding:
             return
         block.cost = BlockCost() if self.cost is not None else None
         try:
-            check = check_requests_in_python if native_tried else check_requests
-            block.ids = check(lines, self.models, block.cost)
+            block.ids = check_requests(lines, self.models, block.cost)
         except (ModelNotAllowed, msgspec.MsgspecError, UnicodeDecodeError):
             return
         block.state = True
@@ -475,41 +467,39 @@ class _Sharding:
             return True
         return self._line_by_line(block)
 
-    # Blocks read ahead of the one being written, with the compiled check: enough to keep
-    # both checking threads busy, few enough to keep memory flat (2 MB each).
-    _NATIVE_AHEAD = 6
-
     def _run_native(self, handle: BinaryIO) -> None:
         """The pass with the compiled check (``native/``): it releases the GIL, so blocks
         are checked on two threads while this one reads ahead and writes in order; no
         helper process, and each block is read once. A block it does not accept goes
         through the Python check (``_check``), which decides and names the problems."""
         check = line_work.native_check_block
-        pending: deque[tuple[int, bytes, Future[Any] | None]] = deque()
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kluster-check")
-        try:
-            for offset, raw in read_blocks(handle, line_work.REQUEST_BLOCK_BYTES):
-                checking = None
-                if raw[-1] == 10 and len(raw) < self.max_file_bytes and not self.problems:
-                    checking = pool.submit(check, raw)
-                pending.append((offset, raw, checking))
-                while pending and (
-                    len(pending) > self._NATIVE_AHEAD
-                    or pending[0][2] is None
-                    or pending[0][2].done()
-                ):
-                    if not self._settle(self._checked(*pending.popleft())):
-                        return
-            while pending:
-                if not self._settle(self._checked(*pending.popleft())):
+        blocks = line_work.in_order_on_threads(
+            read_blocks(handle, line_work.REQUEST_BLOCK_BYTES),
+            lambda read: (
+                read[1][-1] == 10 and len(read[1]) < self.max_file_bytes and not self.problems
+            ),
+            lambda read: check(read[1]),
+            "kluster-check",
+        )
+        with closing(blocks):
+            for (offset, raw), answer in blocks:
+                if not self._settle(self._checked(offset, raw, answer)):
                     return
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _checked(self, offset: int, raw: bytes, checking: Future[Any] | None) -> _Block:
-        """The block at ``offset``, checked: by the compiled check if it accepted it,
-        else by ``_check``."""
-        answer = checking.result() if checking is not None else None
+    def _block(self, offset: int, raw: bytes) -> _Block:
+        """The block read at ``offset``, numbered after the lines before it, its CRLF line
+        ends made LF (a helper reads the file's own bytes: CR before a newline is JSON
+        whitespace to it)."""
+        count = raw.count(b"\n")
+        complete = count and raw[-1] == 10  # ends with a newline
+        data = crlf_to_lf(raw) if complete else raw
+        block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
+        self.lines += block.count
+        return block
+
+    def _checked(self, offset: int, raw: bytes, answer: Any) -> _Block:
+        """The block at ``offset``, checked: by the compiled check if it accepted it
+        (``answer``), else by ``_check``."""
         if answer is not None:
             blob, counts, count, hashes = answer
             if self.models is None or self.models.issuperset(counts):
@@ -519,12 +509,8 @@ class _Sharding:
                 block.cost = BlockCost(counts) if self.cost is not None else None
                 block.state = True
                 return block
-        count = raw.count(b"\n")
-        complete = count and raw[-1] == 10
-        data = crlf_to_lf(raw) if complete else raw
-        block = _Block(offset, data, self.lines + 1, count if complete else count + 1)
-        self.lines += block.count
-        self._check(block, native_tried=checking is not None)
+        block = self._block(offset, raw)
+        self._check(block)
         return block
 
     def _line_by_line(self, block: _Block) -> bool:

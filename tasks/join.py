@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -129,8 +130,6 @@ _CUSTOM_ID_PREFIX = b'{"custom_id":'
 # every lookup checks the joined line it finds against the id it looked for. A test sets
 # ``_id_hash`` to a function of one id to make keys collide.
 _id_hash: Callable[[bytes], int] | None = None
-# Blocks the compiled first pass may have in hand, read ahead of the one being indexed.
-_NATIVE_AHEAD = 6
 
 
 def _hash_ids(json_ids: list[bytes]) -> bytes:
@@ -244,39 +243,26 @@ class _ResultIndex:
         blocks are joined on two threads while this one reads ahead, writes the joined
         lines and indexes them in order; no helper process. A block it does not take
         (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``."""
-        joined = JoinedBlock.joined_natively
-        pending: deque[tuple[int, int, bytes, Future[JoinedBlock | None] | None]] = deque()
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kluster-join")
-        try:
+
+        def read() -> Iterator[tuple[int, int, bytes]]:
             for file_no, path in enumerate(self.paths):
                 with storage.open_file(path) as handle:
                     for offset, data in read_blocks(handle):
-                        joining = pool.submit(joined, data) if data[-1] == 10 else None
-                        pending.append((file_no, offset, data, joining))
-                        while pending and (
-                            len(pending) > _NATIVE_AHEAD
-                            or pending[0][3] is None
-                            or pending[0][3].done()
-                        ):
-                            self._index_joined(*pending.popleft())
-            while pending:
-                self._index_joined(*pending.popleft())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                        yield file_no, offset, data
 
-    def _index_joined(
-        self,
-        file_no: int,
-        offset: int,
-        data: bytes,
-        joining: Future[JoinedBlock | None] | None,
-    ) -> None:
-        block = joining.result() if joining is not None else None
-        if block is None:
-            block = self._join_here(data, file_no, offset)
-        else:
-            self._place(block)
-        self._add(block, file_no, block.start)
+        blocks = line_work.in_order_on_threads(
+            read(),
+            lambda item: item[2][-1] == 10,
+            lambda item: JoinedBlock.joined_natively(item[2]),
+            "kluster-join",
+        )
+        with closing(blocks):
+            for (file_no, offset, data), block in blocks:
+                if block is None:
+                    block = self._join_here(data, file_no, offset)
+                else:
+                    self._place(block)
+                self._add(block, file_no, block.start)
 
     def _place(self, block: JoinedBlock) -> None:
         """Write a block's joined lines to the scratch file; ``start`` says where."""

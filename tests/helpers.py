@@ -69,7 +69,6 @@ def without_native(monkeypatch: Any) -> None:
     import prefect_kluster.tasks._lines as lines_module
 
     for name in (
-        "native_check_requests",
         "native_check_block",
         "native_crlf_to_lf",
         "native_hash_ids",

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -26,7 +27,7 @@ from prefect_kluster.tasks._lines import (
     BlockCost,
     JoinedBlock,
     ModelNotAllowed,
-    check_requests_in_python,
+    check_requests,
     split_lines,
 )
 from prefect_kluster.tasks.build import RequestFileError, shard_and_tally, shard_request_file
@@ -42,20 +43,57 @@ if os.environ.get("PREFECT_KLUSTER_NATIVE") == "0":  # built without it: make NA
 from prefect_kluster.tasks import _native as native  # noqa: E402
 
 
+def bench_data(*names: str) -> tuple:
+    """Functions of benchmarks/data.py, the benchmark's data generators."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import data
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return tuple(getattr(data, name) for name in names)
+
+
+def mutations(seeds: list[bytes], seed: int, count: int = 6000) -> Iterator[bytes]:
+    """``count`` lines, each one of ``seeds`` with one to three bytes deleted, inserted or
+    changed and now and then a piece repeated (duplicated keys, deeper nesting); lines the
+    edits split in two (a newline) are left out: the passes only see lines split at them."""
+    rng = random.Random(seed)
+    alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
+    for _ in range(count):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            op = rng.randrange(3)
+            if op == 0 and at < len(data):
+                del data[at]
+            elif op == 1:
+                data.insert(at, rng.choice(alphabet))
+            elif at < len(data):
+                data[at] = rng.choice(alphabet)
+            if rng.random() < 0.2:
+                end = rng.randrange(at, min(len(data), at + 20) + 1)
+                data[at:at] = data[at:end]
+        if b"\n" not in data:
+            yield bytes(data)
+
+
 def python_answer(lines: list[bytes]) -> tuple[list[bytes], dict[str, list[int]]] | None:
     cost = BlockCost()
     try:
-        ids = check_requests_in_python(lines, None, cost)
+        ids = check_requests(lines, None, cost)
     except (msgspec.MsgspecError, UnicodeError, ModelNotAllowed):
         return None
     return ids, cost.models
 
 
 def native_answer(lines: list[bytes]) -> tuple[list[bytes], dict[str, list[int]]] | None:
-    answer = native.check_requests(lines)
+    # The pass hands either check lines split at newlines: a line never holds one.
+    assert not any(b"\n" in one for one in lines)
+    answer = native.check_block(b"".join(one + b"\n" for one in lines))
     if answer is None:
         return None
-    blob, counts = answer
+    blob, counts, count, _ = answer
+    assert count == len(lines)
     ids = blob.split(b"\n")
     ids.pop()
     return ids, counts
@@ -81,22 +119,20 @@ GOOD = line(request("r1", "Grüße, 世界! 🎉"))
 def test_the_compiled_check_is_built_where_the_makefile_builds_it():
     # `make test` builds it (make native): a test run without it would test only Python.
     assert line_work.native_check_block is not None
-    assert line_work.native_check_requests is not None
+    assert line_work.native_join_block is not None
 
 
 def test_realistic_files_give_the_same_ids_and_counts(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from data import write_realistic_requests, write_requests
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    write_realistic_requests, write_requests = bench_data(
+        "write_realistic_requests", "write_requests"
+    )
     for name, write in (("real", write_realistic_requests), ("guide", write_requests)):
         path = tmp_path / f"{name}.jsonl"
         write(path, 3000)
         data = line_work.crlf_to_lf(path.read_bytes())
         lines = split_lines(data)
         assert assert_agrees(lines), name
-        # the block entry point (CRLF kept: JSON whitespace to it) agrees with the list one
+        # the block as read, CRLF kept (JSON whitespace to it): the same answer
         blob, counts, count, hashes = native.check_block(path.read_bytes())
         assert count == len(lines)
         ids = blob.split(b"\n")[:-1]
@@ -257,30 +293,15 @@ def test_generated_requests_agree(objs, ensure_ascii):
 
 
 def test_mutated_lines_are_never_accepted_when_python_refuses_them():
-    rng = random.Random(20261126)
     seeds = [
         line(request("id-1", "Grüße 世界 🎉 \\ \"q\"", max_tokens=5)),
         line(request("id-2", "plain ascii text", max_completion_tokens=3), ensure_ascii=True),
         BASE.replace(b'"hi"', b'[{"type":"text","text":"t"},{"type":"image_url",'
                      b'"image_url":{"url":"data:image/png;base64,iVBORw0"}}]') % b',"n":[1,{}]',
     ]  # fmt: skip
-    alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
     accepted = refused = 0
-    for _ in range(6000):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(len(data) + 1)
-            op = rng.randrange(3)
-            if op == 0 and at < len(data):
-                del data[at]
-            elif op == 1:
-                data.insert(at, rng.choice(alphabet))
-            elif at < len(data):
-                data[at] = rng.choice(alphabet)
-            if rng.random() < 0.2:  # a piece of the line again: duplicated keys, nesting
-                end = rng.randrange(at, min(len(data), at + 20) + 1)
-                data[at:at] = data[at:end]
-        if assert_agrees([bytes(data)]):
+    for data in mutations(seeds, 20261126):
+        if assert_agrees([data]):
             accepted += 1
         else:
             refused += 1
@@ -310,11 +331,7 @@ def shard_files(shards) -> list[tuple[bytes, bytes, int, int]]:
 
 
 def test_the_shard_pass_writes_the_same_shards_and_tally_either_way(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from data import write_realistic_requests
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    (write_realistic_requests,) = bench_data("write_realistic_requests")
     source = tmp_path / "in.jsonl"
     write_realistic_requests(source, 12000)  # several 2 MB blocks, CRLF lines among them
     compiled = shard_and_tally(source, tmp_path / "compiled", max_file_bytes=3_000_000)
@@ -391,11 +408,7 @@ def assert_joins_alike(lines: list[bytes]) -> bool:
 
 
 def test_realistic_result_files_join_the_same(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from data import write_results
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    (write_results,) = bench_data("write_results")
     for realistic in (True, False):
         out, err = tmp_path / f"out-{realistic}.jsonl", tmp_path / f"err-{realistic}.jsonl"
         write_results(3000, out, err, realistic=realistic)
@@ -629,7 +642,6 @@ def test_generated_results_join_alike(objs, ensure_ascii):
 
 
 def test_mutated_result_lines_join_alike_or_go_to_python():
-    rng = random.Random(20261127)
     seeds = [
         line(result("id-1", response__body__choices=[{"message": {"content": "Grüße 世界 🎉"}}])),
         line(result("id-2", response__status_code=500, response__body__error={"message": "x"})),
@@ -637,34 +649,12 @@ def test_mutated_result_lines_join_alike_or_go_to_python():
         line(result("id-4", response__body__usage={"prompt_tokens": 2**31 - 1, "total_tokens": 5})),
         line(result("id-5", response__body__error="slow down", response__body__message="m")),
     ]
-    alphabet = b'{}[]:,"\\ \r\nuU0123456789abcdefe+-.tfnrl\x00\x7f\xc3\xa9\xff\xed\xa0\x80'
-    took = 0
-    for _ in range(6000):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(len(data) + 1)
-            op = rng.randrange(3)
-            if op == 0 and at < len(data):
-                del data[at]
-            elif op == 1:
-                data.insert(at, rng.choice(alphabet))
-            elif at < len(data):
-                data[at] = rng.choice(alphabet)
-            if rng.random() < 0.2:  # a piece of the line again: duplicated keys, nesting
-                end = rng.randrange(at, min(len(data), at + 20) + 1)
-                data[at:at] = data[at:end]
-        if b"\n" in data:
-            continue
-        took += assert_joins_alike([bytes(data)])
+    took = sum(assert_joins_alike([data]) for data in mutations(seeds, 20261127))
     assert took > 500
 
 
 def test_the_join_writes_the_same_file_either_way(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from data import realistic_ids, write_results
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    realistic_ids, write_results = bench_data("realistic_ids", "write_results")
     n = 9000
     requests_path = tmp_path / "in.jsonl"
     requests_path.write_bytes(

@@ -9,7 +9,7 @@
 //! give the same bytes: tests/test_native.py holds them to that. They hold no Python object
 //! while they read, so the GIL is released for the block.
 //!
-//! - `requests`: the request check (`check_block`, `check_requests`);
+//! - `requests`: the request check (`check_block`);
 //! - `results`: the join's first pass (`join_block`).
 
 use std::borrow::Cow;
@@ -184,7 +184,6 @@ fn crlf_to_lf(py: Python<'_>, block: &PyBytes) -> PyResult<PyObject> {
 
 #[pymodule]
 fn _native(_py: Python<'_>, module: &PyModule) -> PyResult<()> {
-    module.add_function(wrap_pyfunction!(requests::check_requests, module)?)?;
     module.add_function(wrap_pyfunction!(requests::check_block, module)?)?;
     module.add_function(wrap_pyfunction!(crlf_to_lf, module)?)?;
     module.add_function(wrap_pyfunction!(hash_ids, module)?)?;

@@ -1,4 +1,4 @@
-//! The request check of validate-and-shard: `check_block` and `check_requests` answer what
+//! The request check of validate-and-shard: `check_block` answers what
 //! `prefect_kluster.tasks._lines.check_requests` answers for a block whose every line is a
 //! valid request (msgspec's `RequestLine`): the lines' custom_ids as JSON, one a line, and
 //! per model the cost estimate's counts.
@@ -387,31 +387,8 @@ fn check_block_lines(lines: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>, Tally)> {
     Some((ids, hashes, tally))
 }
 
-/// `check_requests(lines: list[bytes]) -> tuple[bytes, dict[str, list[int]]] | None`:
-/// the JSON custom_ids (each followed by a newline) and the per-model counts of a block
-/// whose every line is a valid request, else `None`.
-#[pyfunction]
-pub(crate) fn check_requests(
-    py: Python<'_>,
-    lines: &PyList,
-) -> PyResult<Option<(PyObject, PyObject)>> {
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(lines.len());
-    for item in lines.iter() {
-        slices.push(item.downcast::<PyBytes>()?.as_bytes());
-    }
-    let answer = py.allow_threads(|| check_block_lines(&slices));
-    let (ids, _, tally) = match answer {
-        Some(answer) => answer,
-        None => return Ok(None),
-    };
-    Ok(Some((
-        PyBytes::new(py, &ids).into(),
-        tally_dict(py, tally)?,
-    )))
-}
-
 /// `check_block(block: bytes) -> tuple[bytes, dict[str, list[int]], int, bytes] | None`:
-/// `check_requests` on a whole block of lines that ends with a newline (CRLF line ends
+/// the request check of a whole block of lines that ends with a newline (CRLF line ends
 /// allowed: CR is JSON whitespace), read with the GIL released: the JSON custom_ids (each
 /// followed by a newline), the per-model counts, the number of lines and the ids' hashes
 /// (`hash_ids`), or `None` if a line is not accepted.
