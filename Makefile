@@ -17,6 +17,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+# Debian packages, as root or through sudo (the package list follows it).
+APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
 install: $(VENV)/.installed native
 
 install-dev: $(VENV)/.installed-dev native browser
@@ -40,12 +44,10 @@ $(VENV)/.native-0: | $(PY)
 $(VENV)/.native-1: $(NATIVE_SOURCES) | $(PY)
 	@cd /usr/share/cargo/registry 2>/dev/null && ls -d pyo3-0.17* serde_json-1* memchr-2* simdutf8-0* >/dev/null 2>&1 || { \
 	  echo "installing Debian's Rust crates for the compiled check"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(NATIVE_CRATES) >/dev/null; }
+	  $(APT_INSTALL) $(NATIVE_CRATES) >/dev/null; }
 	@command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ] || { \
 	  echo "installing Debian's cargo for the compiled check"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq cargo >/dev/null; }
+	  $(APT_INSTALL) cargo >/dev/null; }
 	cd native && PATH="$$PATH:$$HOME/.cargo/bin" PYO3_PYTHON="$(abspath $(PY))" cargo build --release --quiet
 	so="tasks/_native$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"; \
 	  cp native/target/release/lib_native.so "$$so.tmp" && mv -f "$$so.tmp" "$$so"
@@ -56,16 +58,14 @@ $(VENV)/.native-1: $(NATIVE_SOURCES) | $(PY)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian's chromium for the browser test"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  $(APT_INSTALL) chromium >/dev/null; }
 
 # Debian's PostgreSQL for the production-shape tests (the tests start their own server as an
 # unprivileged user on a free port; nothing runs as a system service). `make demo` uses SQLite.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  echo "installing Debian's postgresql for the production-shape tests"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+	  $(APT_INSTALL) postgresql >/dev/null; }
 
 demo: install
 	$(PY) -m flows.batch_inference deployments/sample-requests.jsonl --emulator \
