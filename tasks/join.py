@@ -6,8 +6,9 @@ index of about 40 bytes a result (a 64-bit hash of the custom_id, where the join
 is, its kind and token counts): on two threads by the compiled pass when it is built, else
 here, with a helper process on a second core for part of a large input. The second pass
 reads the custom_ids of the requests a window at a time and copies their joined lines into
-the output, in input order; when the results came in input order, as they usually do, the
-reads are sequential.
+the output, in input order, checking that each is its request's (the compiled module's
+``gather_lines`` does both in one pass); when the results came in about input order, as they
+usually do, the reads are sequential.
 """
 
 from __future__ import annotations
@@ -616,6 +617,24 @@ def _lines_start_with(buf: bytes, at: np.ndarray, json_ids: list[bytes]) -> np.n
     return same
 
 
+def _gathered(
+    index: _ResultIndex, entries: np.ndarray, hit: np.ndarray, json_ids: list[bytes]
+) -> tuple[bytes, np.ndarray]:
+    """The joined lines of a window's requests that have a result, one after another,
+    and per line whether it is its request's (its custom_id is the request's)."""
+    buf, at, sizes = index.fetch(entries[hit])
+    wanted = json_ids if len(at) == len(json_ids) else list(compress(json_ids, hit.tolist()))
+    if line_work.native_gather_lines is not None:
+        data, same = line_work.native_gather_lines(buf, at.tobytes(), sizes.tobytes(), wanted)
+        return data, np.frombuffer(same, dtype=bool)
+    # Runs of lines that follow each other in the buffer are copied in one piece.
+    ends = at + sizes
+    first = np.concatenate(([0], np.flatnonzero(at[1:] != ends[:-1]) + 1)) if len(at) else at
+    last = np.append(first[1:] - 1, len(at) - 1) if len(at) else at
+    pieces = map(buf.__getitem__, map(slice, at[first].tolist(), ends[last].tolist()))
+    return b"".join(pieces), _lines_start_with(buf, at, wanted)
+
+
 def _join_window(
     index: _ResultIndex,
     json_ids: list[bytes],
@@ -629,16 +648,13 @@ def _join_window(
     count = len(json_ids)
     entries = index.find(np.frombuffer(_hash_ids(json_ids), dtype=np.int64))
     hit = entries >= 0
-    buf, at, sizes = index.fetch(entries[hit])
-    # A 64-bit hash can collide: check that each joined line is its request's.
-    wanted = json_ids if len(at) == count else list(compress(json_ids, hit.tolist()))
-    same = _lines_start_with(buf, at, wanted)
-    if not same.all():
+    data, same = _gathered(index, entries, hit, json_ids)
+    if not same.all():  # a 64-bit hash can collide: look those lines up again
         entries = entries.copy()
         for position in np.flatnonzero(hit)[~same].tolist():
             entries[position] = index.slow_find(json_ids[position])
         hit = entries >= 0
-        buf, at, sizes = index.fetch(entries[hit])
+        data, same = _gathered(index, entries, hit, json_ids)
     kinds = np.full(count, -1, dtype=np.int8)
     kinds[hit] = index.kinds[entries[hit]]
     unread = np.flatnonzero(kinds == UNREAD)
@@ -665,28 +681,26 @@ def _join_window(
     transient = (kinds == TRANSIENT) | ~hit
     counts.retryable += int(np.count_nonzero(transient))
 
-    # The output: runs of lines that follow each other both in the window and in the
-    # buffer are copied in one piece; requests with no result are joined as not processed.
-    hit_at = np.flatnonzero(hit)
-    ends = at + sizes
-    joined = (hit_at[1:] == hit_at[:-1] + 1) & (at[1:] == ends[:-1])
-    first = np.concatenate(([0], np.flatnonzero(~joined) + 1)) if len(at) else at
-    last = np.append(first[1:] - 1, len(at) - 1) if len(at) else at
-    pieces = list(map(buf.__getitem__, map(slice, at[first].tolist(), ends[last].tolist())))
-    if len(at) < count:
+    # The output: requests with no result are joined as not processed, between the lines
+    # of the others.
+    pieces: list[bytes | memoryview] = [data]
+    if not hit.all():
         encode = joined_encoder.encode
         decode = msgspec.json.decode
-        run_input_starts = hit_at[first]
         missing = np.flatnonzero(~hit)
-        where = np.searchsorted(run_input_starts, missing)
-        for i, piece_no in zip(missing.tolist()[::-1], where.tolist()[::-1], strict=True):
+        ends = np.cumsum(index.lengths[entries[hit]])
+        # where each one goes in ``data``: after the lines of the requests before it
+        cuts = np.concatenate(([0], ends))[missing - np.arange(len(missing))].tolist()
+        view, done, pieces = memoryview(data), 0, []
+        for i, cut in zip(missing.tolist(), cuts, strict=True):
             custom_id = ids[i] if ids is not None else decode(json_ids[i])
-            pieces.insert(piece_no, encode(to_joined(custom_id, None)) + b"\n")
-    data = b"".join(pieces)
-    out.write(data)
+            pieces += (view[done:cut], encode(to_joined(custom_id, None)) + b"\n")
+            done = cut
+        pieces.append(view[done:])
+    out.write(pieces)
     if sink is not None:
         decode_line = _joined_decoder.decode
-        for line in data.split(b"\n")[:-1]:
+        for line in b"".join(pieces).split(b"\n")[:-1]:
             sink.add(decode_line(line))
     if retry_handle is not None and transient.any():
         retry_handle.write(
@@ -703,10 +717,16 @@ class _Writer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-writer")
         self._pending: deque[Future[Any]] = deque()
 
-    def write(self, data: bytes) -> None:
-        self._pending.append(self._pool.submit(self._handle.write, data))
+    def write(self, data: bytes | list[bytes | memoryview]) -> None:
+        """Write ``data``, or each of a list of pieces in turn."""
+        pieces = data if isinstance(data, list) else [data]
+        self._pending.append(self._pool.submit(self._write, pieces))
         while len(self._pending) > 4:
             self._pending.popleft().result()
+
+    def _write(self, pieces: list[bytes | memoryview]) -> None:
+        for piece in pieces:
+            self._handle.write(piece)
 
     def close(self) -> None:
         """Wait for every write; then the file can be closed."""

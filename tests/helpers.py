@@ -74,5 +74,6 @@ def without_native(monkeypatch: Any) -> None:
         "native_hash_ids",
         "native_join_block",
         "native_latest_entries",
+        "native_gather_lines",
     ):
         monkeypatch.setattr(lines_module, name, None)

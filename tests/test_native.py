@@ -711,3 +711,40 @@ def test_the_latest_entry_table_finds_what_the_sorted_keys_find():
     found = np.frombuffer(table.find(wanted.tobytes()), dtype=np.int64)
     assert (found == expected).all() and (found == -1).any() and (found >= 0).any()
     assert np.frombuffer(native.LatestEntries(b"").find(wanted.tobytes()), np.int64).max() == -1
+
+
+def test_gathering_a_window_agrees_with_the_python_check():
+    """The second pass's copy: the lines in the order asked, and per line whether it
+    starts with its own id (what ``join._lines_start_with`` answers), collisions included;
+    lines outside the buffer are refused, not read."""
+    import numpy as np
+
+    from prefect_kluster.tasks.join import _lines_start_with
+
+    rng = random.Random(11)
+    ids = [json.dumps(f"id-{i}-{'é' * (i % 3)}", ensure_ascii=False).encode() for i in range(300)]
+    lines = [b'{"custom_id":' + custom_id + b',"status":"ok"}\n' for custom_id in ids]
+    lines[7] = b'{"custom_id":' + ids[7] + b"}\n"  # no comma after the id
+    lines[8] = lines[8].replace(b"id-8", b"id-9")  # another id
+    lines[9] = b'{"custom_id": ' + ids[9] + b',"a":1}\n'  # not as the join writes it
+    lines[10] = b'{"custom_id":"id-10-"\n'  # cut short
+    buffer = b"".join(lines)
+    ends = np.cumsum([len(x) for x in lines])
+    at, sizes = ends - [len(x) for x in lines], np.array([len(x) for x in lines])
+    order = list(range(len(lines)))
+    rng.shuffle(order)
+    order += [3, 3, 299]  # a line asked twice, and the last one
+    picked = np.array(order)
+    wanted = [ids[i] for i in picked]
+    wanted[0] = ids[picked[1]]  # a line checked against another line's id
+    data, same = native.gather_lines(buffer, at[picked].tobytes(), sizes[picked].tobytes(), wanted)
+    assert data == b"".join(lines[i] for i in picked)
+    expected = _lines_start_with(buffer, at[picked], wanted)
+    assert (np.frombuffer(same, dtype=bool) == expected).all()
+    assert 1 <= (~expected).sum() <= 5 and expected.sum() > 280
+    with pytest.raises(ValueError):
+        native.gather_lines(
+            buffer, array("q", [len(buffer) - 2]).tobytes(), array("q", [5]).tobytes(), [ids[0]]
+        )
+    with pytest.raises(ValueError):
+        native.gather_lines(buffer, at[:2].tobytes(), sizes[:2].tobytes(), [ids[0]])

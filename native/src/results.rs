@@ -9,8 +9,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -686,3 +687,60 @@ impl LatestEntries {
         PyBytes::new(py, &found).into()
     }
 }
+
+/// `gather_lines(buffer, at, sizes, ids) -> tuple[bytes, bytes]`: the join's second pass
+/// over a window. The lines `buffer[at[i] : at[i] + sizes[i]]` (`at`, `sizes`: `array("q")`
+/// bytes) one after another, and per line whether it is the joined line of the JSON
+/// custom_id `ids[i]`: it starts with `{"custom_id":<the id>,` (a 64-bit hash of ids can
+/// collide; the caller looks a line that is not again). The copying is done with the GIL
+/// released.
+#[pyfunction]
+pub(crate) fn gather_lines(
+    py: Python<'_>,
+    buffer: &PyBytes,
+    at: &PyBytes,
+    sizes: &PyBytes,
+    ids: &PyList,
+) -> PyResult<PyObject> {
+    let buffer = buffer.as_bytes();
+    let spans: Vec<(usize, usize)> = i64s(at.as_bytes())
+        .zip(i64s(sizes.as_bytes()))
+        .map(|(start, size)| (start as usize, size as usize))
+        .collect();
+    let fits = |&(start, size): &(usize, usize)| {
+        start
+            .checked_add(size)
+            .map_or(false, |end| end <= buffer.len())
+    };
+    if at.as_bytes().len() != sizes.as_bytes().len()
+        || spans.len() != ids.len()
+        || !spans.iter().all(fits)
+    {
+        return Err(PyValueError::new_err("the lines are not all in the buffer"));
+    }
+    let ids = ids
+        .iter()
+        .map(|id| Ok(id.downcast::<PyBytes>()?.as_bytes()))
+        .collect::<PyResult<Vec<&[u8]>>>()?;
+    let total: usize = spans.iter().map(|&(_, size)| size).sum();
+    let mut same = vec![0u8; spans.len()];
+    let lines = PyBytes::new_with(py, total, |out| {
+        py.allow_threads(|| {
+            let mut to = 0;
+            for ((&(start, size), id), same) in spans.iter().zip(&ids).zip(same.iter_mut()) {
+                let line = &buffer[start..start + size];
+                out[to..to + size].copy_from_slice(line);
+                to += size;
+                let head = JOINED_HEAD.len();
+                *same = (line.starts_with(JOINED_HEAD)
+                    && line[head..].starts_with(id)
+                    && line.get(head + id.len()) == Some(&b',')) as u8;
+            }
+        });
+        Ok(())
+    })?;
+    Ok((lines, PyBytes::new(py, &same)).into_py(py))
+}
+
+/// How every joined line starts.
+const JOINED_HEAD: &[u8] = b"{\"custom_id\":";
