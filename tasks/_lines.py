@@ -604,8 +604,10 @@ class JoinedBlock:
     @classmethod
     def joined_natively(cls, block: bytes) -> JoinedBlock | None:
         """The same block from the compiled first pass (``native/``, GIL released), or
-        None where it does not read every line exactly as this class does: ``ids`` is then
-        one bytes (each JSON id followed by a newline) and ``hashes`` their ``hash_ids``."""
+        None where it does not read every line exactly as this class does: ``data`` is then
+        a read-only buffer (written and measured as bytes are, never copied into one),
+        ``ids`` one bytes (each JSON id followed by a newline) and ``hashes`` their
+        ``hash_ids``."""
         answer = native_join_block(block)
         if answer is None:
             return None

@@ -380,7 +380,7 @@ def test_duplicate_custom_ids_are_named_the_same_either_way(tmp_path, monkeypatc
 
 def joined_fields(block: JoinedBlock) -> tuple:
     return (
-        block.data,
+        bytes(block.data),
         block.id_list(),
         bytes(block.kinds),
         block.tokens.tobytes(),
@@ -748,3 +748,21 @@ def test_gathering_a_window_agrees_with_the_python_check():
         )
     with pytest.raises(ValueError):
         native.gather_lines(buffer, at[:2].tobytes(), sizes[:2].tobytes(), [ids[0]])
+
+
+def test_the_joined_lines_come_as_a_read_only_buffer(tmp_path):
+    """The first pass hands its joined lines over without a copy: a buffer that writes and
+    measures as the bytes would, and cannot be written to."""
+    lines = [line(result(f"id-{i}")) for i in range(5)]
+    block = JoinedBlock.joined_natively(b"".join(x + b"\n" for x in lines))
+    assert block is not None
+    expected = JoinedBlock(lines).data
+    assert len(block.data) == len(expected) and bytes(block.data) == expected
+    view = memoryview(block.data)
+    assert view.readonly and view.format == "B" and view.nbytes == len(expected)
+    target = tmp_path / "out"
+    with open(target, "wb") as handle:
+        handle.write(block.data)
+    assert target.read_bytes() == expected
+    with open(target, "rb") as handle, pytest.raises(TypeError):  # no writable view of it
+        handle.readinto(block.data)
