@@ -766,3 +766,47 @@ def test_the_joined_lines_come_as_a_read_only_buffer(tmp_path):
     assert target.read_bytes() == expected
     with open(target, "rb") as handle, pytest.raises(TypeError):  # no writable view of it
         handle.readinto(block.data)
+
+
+# Raw JSON string pieces, each placed after 0 to 17 plain bytes, so that it falls at every
+# place of the 8-byte steps the string scan takes (native/serde_json-swar.patch): what
+# either pass reads differently there, a test below sees.
+STRING_PIECES = [
+    b'\\"',  # escaped quote
+    b"\\\\",  # escaped backslash
+    b"\\u00e9\\ud83c\\udf89",  # escapes, a surrogate pair
+    b"\\ud800",  # a lone surrogate, escaped
+    "é世🎉".encode(),  # multi-byte UTF-8 across a step
+    b"\x7f ~",  # the bytes at the edges of what needs no escape
+    b"\x00",  # control characters: refused inside a string
+    b"\x01",
+    b"\x1f",
+    b"\t",
+    b"\xc3",  # a cut UTF-8 sequence
+]
+
+
+def in_string_field(template: bytes, marker: bytes, skip: int, piece: bytes) -> bytes:
+    return template.replace(marker, b"x" * skip + piece + b"y" * (skip % 5))
+
+
+@pytest.mark.parametrize("skip", range(18))
+def test_strings_read_alike_wherever_an_escape_falls(skip):
+    """Requests (the custom_id, a message, an unknown field) and results (the custom_id,
+    the answer copied raw, an unknown field) with each piece at each place in a step:
+    both passes give the same answer, or the compiled one declines; a string cut off by
+    the end of the line is refused by both."""
+    request_template = line({**request("ID@", "TEXT@"), "note": "NOTE@"})
+    answer = result("ID@")
+    answer["response"]["body"]["choices"][0]["message"]["content"] = "TEXT@"
+    result_template = line({"note": "NOTE@", **answer})
+    took = 0
+    for piece in STRING_PIECES:
+        for marker in (b"ID@", b"TEXT@", b"NOTE@"):
+            data = in_string_field(request_template, marker, skip, piece)
+            took += assert_agrees([data])
+            data = in_string_field(result_template, marker, skip, piece)
+            took += assert_joins_alike([data])
+        cut = request_template[: request_template.index(b"TEXT@")] + b"x" * skip + piece
+        assert native_answer([cut]) is None and python_answer([cut]) is None
+    assert took >= 3 * 2 * 5  # the valid pieces, in every field, by both passes
