@@ -8,13 +8,17 @@ here, with a helper process on a second core for part of a large input. The seco
 reads the custom_ids of the requests a window at a time and copies their joined lines into
 the output, in input order, checking that each is its request's (the compiled module's
 ``gather_lines`` does both in one pass); when the results came in about input order, as they
-usually do, the reads are sequential.
+usually do, the reads are sequential. When no two requests share a key, each joined line
+is read once, so the scratch pages of lines copied out are freed as the pass goes (the
+output's new pages then reuse them).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from array import array
@@ -198,6 +202,10 @@ class _ResultIndex:
         self._latest = None
         if line_work.native_latest_entries is not None:
             self._latest = line_work.native_latest_entries(self._hashes.tobytes())
+        # Set by the join when no two requests share a key: then each joined line is read
+        # once at most, and the scratch pages of lines copied out can be freed at once.
+        self.release_copied = False
+        self.released = 0  # bytes of scratch freed so far
         self.starts = np.frombuffer(self._starts, dtype=np.int64)
         self.lengths = np.frombuffer(self._lengths, dtype=np.int64)
         self.kinds = np.frombuffer(self._kinds, dtype=np.int8)
@@ -427,6 +435,31 @@ class _ResultIndex:
         at[order] = first - run_starts[run_of] + run_base[run_of]
         return buf, at, sizes
 
+    def release(self, entries: np.ndarray) -> None:
+        """Free the scratch pages that hold only lines of ``entries``, which were copied out
+        and will not be read again (``release_copied``): fresh pages for the output's lines
+        cost this machine's kernel up to twice what pages just freed do, and the scratch
+        file's lines never go to disk. A no-op where holes cannot be punched."""
+        if not self.release_copied or not len(entries) or _punch_hole is None:
+            return
+        starts = self.starts[entries]
+        order = np.argsort(starts)
+        starts = starts[order]
+        ends = starts + self.lengths[entries][order]
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        firsts = starts[np.concatenate(([0], breaks))]
+        lasts = ends[np.append(breaks - 1, len(starts) - 1)]
+        # whole pages inside each run of lines that follow each other (in the main scratch
+        # file: the helper's is read-only here)
+        lows = -(-firsts // _PAGE) * _PAGE
+        highs = np.minimum(lasts, _HELPER_SCRATCH) // _PAGE * _PAGE
+        for low, high in zip(lows.tolist(), highs.tolist(), strict=True):
+            if high > low:
+                if not _punch_hole(self._fds[0], low, high - low):
+                    self.release_copied = False  # not on this file system: keep it all
+                    return
+                self.released += high - low
+
     def slow_find(self, json_id: bytes) -> int:
         """The latest entry really for the custom_id ``json_id`` (past hash collisions)."""
         custom_id = msgspec.json.decode(json_id)
@@ -457,6 +490,46 @@ class _ResultIndex:
                 _last_line_of(path, custom_id),
                 f"the result for custom_id {custom_id!r} cannot be read: {exc}",
             ) from None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _hole_puncher() -> Callable[[int, int, int], bool] | None:
+    """``punch(fd, offset, size)``: free a range of a file's pages, keeping its size
+    (Linux's fallocate with FALLOC_FL_PUNCH_HOLE); True if done. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    keep_size, punch_hole = 0x01, 0x02
+
+    def punch(fd: int, offset: int, size: int) -> bool:
+        return fallocate(fd, punch_hole | keep_size, offset, size) == 0
+
+    return punch
+
+
+_punch_hole = _hole_puncher()
+
+
+def _distinct_request_keys(shards: Sequence[Shard]) -> bool:
+    """No two of the shards' custom_ids share an index key (the same id twice, or a
+    collision): the condition for the join to free each line's scratch once copied."""
+    keys = [
+        np.frombuffer(_hash_ids(json_ids), dtype=np.int64)
+        for shard in shards
+        for json_ids, _ in _read_ids(shard.ids_path)
+    ]
+    if not keys:
+        return True
+    every = np.concatenate(keys)
+    every.sort()
+    return not bool((every[1:] == every[:-1]).any())
 
 
 class _ParquetSink:
@@ -660,6 +733,7 @@ def _join_window(
     unread = np.flatnonzero(kinds == UNREAD)
     if len(unread):
         index.result(int(entries[unread[0]]))  # raises that line's decode error
+    index.release(entries[hit])
     ok = kinds == OK
     succeeded = int(np.count_nonzero(ok))
     counts.succeeded += succeeded
@@ -817,7 +891,11 @@ def join_result_files(
     index = None
     done = False
     try:
-        index = _ResultIndex(result_paths, scratch)
+        # whether requests' keys are distinct, found beside the first pass
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-keys") as pool:
+            distinct = pool.submit(_distinct_request_keys, shards)
+            index = _ResultIndex(result_paths, scratch)
+            index.release_copied = distinct.result()
         sink = _ParquetSink(parquet_target) if parquet_target is not None else None
         retry_handle = (
             storage.open_file(os.fspath(retry_ids_path), "wb") if retry_ids_path else None

@@ -353,3 +353,132 @@ def test_a_token_count_beyond_32_bits_is_clamped_not_fatal(tmp_path):
     assert summary.usage.prompt_tokens == (1 << 31) - 1 + 5
     # The joined line itself keeps the service's figure.
     assert read_jsonl(tmp_path / "joined.jsonl")[0]["usage"]["prompt_tokens"] == 1 << 40
+
+
+# --- freeing the scratch file as the second pass goes -------------------------------------
+
+
+def watch_releases(monkeypatch) -> list[tuple[bool, int]]:
+    """(release_copied, bytes freed) of each join's index, taken as it closes."""
+    from prefect_kluster.tasks import join as join_module
+
+    seen: list[tuple[bool, int]] = []
+    close = join_module._ResultIndex.close
+
+    def watched(index) -> None:
+        seen.append((index.release_copied, index.released))
+        close(index)
+
+    monkeypatch.setattr(join_module._ResultIndex, "close", watched)
+    return seen
+
+
+def long_answers(tmp_path: Path, ids: list[str], order_seed: int = 3) -> Path:
+    """Results for ``ids`` with answers of about 2 KB, lightly shuffled as a service
+    writes them, so that the scratch file spans many pages."""
+    rng = random.Random(order_seed)
+    rows = [ok_line(i, f"answer for {i}: " + "долгий ответ " * 150) for i in ids]
+    for start in range(0, len(rows), 16):
+        block = rows[start : start + 16]
+        rng.shuffle(block)
+        rows[start : start + 16] = block
+    return write_jsonl(tmp_path / "results.jsonl", rows)
+
+
+def test_scratch_pages_are_freed_once_their_lines_are_copied(tmp_path, monkeypatch):
+    seen = watch_releases(monkeypatch)
+    ids = [f"q-{i}" for i in range(3000)]
+    shards = make_shards(tmp_path, ids, cap=1000)
+    results = long_answers(tmp_path, [i for i in ids if i != "q-77"])
+    summary = join_result_files(shards, [str(results)], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in rows] == ids
+    assert all(
+        r["content"].startswith(f"answer for {r['custom_id']}:")
+        for r in rows
+        if r["custom_id"] != "q-77"
+    )
+    assert summary.succeeded == 2999
+    from prefect_kluster.tasks import join as join_module
+
+    if join_module._punch_hole is None:
+        pytest.skip("no hole punching on this platform")
+    ((released, freed),) = seen
+    joined = (tmp_path / "j.jsonl").stat().st_size
+    assert released and freed > 0.9 * joined, (freed, joined)
+
+
+def test_a_request_id_twice_keeps_the_scratch_whole(tmp_path, monkeypatch):
+    """The same shard joined twice asks for every line twice: the scratch is not freed
+    (else the second copy would read holes) and both copies are whole."""
+    seen = watch_releases(monkeypatch)
+    ids = [f"q-{i}" for i in range(2000)]
+    shards = make_shards(tmp_path, ids, cap=2000)
+    results = long_answers(tmp_path, ids)
+    join_result_files([*shards, *shards], [str(results)], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in rows] == ids + ids
+    assert all(r["content"].startswith(f"answer for {r['custom_id']}:") for r in rows)
+    assert seen == [(False, 0)]
+
+
+def test_freeing_stops_where_holes_cannot_be_punched(tmp_path, monkeypatch):
+    from prefect_kluster.tasks import join as join_module
+
+    seen = watch_releases(monkeypatch)
+    monkeypatch.setattr(join_module, "_punch_hole", lambda fd, offset, size: False)
+    ids = [f"q-{i}" for i in range(2000)]
+    shards = make_shards(tmp_path, ids, cap=2000)
+    join_result_files(shards, [str(long_answers(tmp_path, ids))], tmp_path / "j.jsonl")
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in rows] == ids
+    assert all(r["content"].startswith(f"answer for {r['custom_id']}:") for r in rows)
+    assert seen == [(False, 0)]
+
+
+def test_freed_lines_are_not_read_again_past_a_hash_collision(tmp_path, monkeypatch):
+    """Requests' keys distinct, so lines are freed as copied; results for ids no request
+    has ("ghost-...") share their keys, and some come after the real ones (the lookup
+    finds the ghost first and goes back through the key's other lines): each request
+    still gets its own answer."""
+    from prefect_kluster.tasks import join as join_module
+
+    seen = watch_releases(monkeypatch)
+    monkeypatch.setattr(
+        join_module, "_id_hash", lambda json_id: hash(json_id.replace(b'"ghost-', b'"'))
+    )
+    ids = [f"q-{i}" for i in range(1500)]
+    shards = make_shards(tmp_path, ids, cap=500)
+    rows = [ok_line(i, f"answer for {i}: " + "x" * 1500) for i in ids]
+    rng = random.Random(5)
+    ghosts = [ok_line(f"ghost-{i}", "a ghost " + "y" * 1500) for i in rng.sample(ids, 300)]
+    results = write_jsonl(tmp_path / "r.jsonl", ghosts[:150] + rows + ghosts[150:])
+    join_result_files(shards, [str(results)], tmp_path / "j.jsonl")
+    joined = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in joined] == ids
+    assert all(r["content"].startswith(f"answer for {r['custom_id']}:") for r in joined)
+    if join_module._punch_hole is not None:
+        ((released, freed),) = seen
+        assert released and freed > 0
+
+
+def test_lines_a_later_window_needs_are_kept_between_freed_ones(tmp_path, monkeypatch):
+    """Results of two shards alternate in the file: the first shard's lines are freed
+    page by page as copied (10 KB answers: whole pages inside each), the second shard's
+    lines between them are kept for its turn."""
+    seen = watch_releases(monkeypatch)
+    ids = [f"q-{i}" for i in range(400)]
+    shards = make_shards(tmp_path, ids, cap=200)
+    first, second = ids[:200], ids[200:]
+    rows = []
+    for a, b in zip(first, second, strict=True):
+        rows += [ok_line(a, f"answer for {a}: " + "z" * 10_000), ok_line(b, f"answer for {b}: ")]
+    join_result_files(shards, [str(write_jsonl(tmp_path / "r.jsonl", rows))], tmp_path / "j.jsonl")
+    joined = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["custom_id"] for r in joined] == ids
+    assert all(r["content"].startswith(f"answer for {r['custom_id']}:") for r in joined)
+    from prefect_kluster.tasks import join as join_module
+
+    if join_module._punch_hole is not None:
+        ((released, freed),) = seen
+        assert released and freed >= 200 * 4096
