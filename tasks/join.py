@@ -520,14 +520,18 @@ _punch_hole = _hole_puncher()
 def _distinct_request_keys(shards: Sequence[Shard]) -> bool:
     """No two of the shards' custom_ids share an index key (the same id twice, or a
     collision): the condition for the join to free each line's scratch once copied."""
-    keys = [
-        np.frombuffer(_hash_ids(json_ids), dtype=np.int64)
-        for shard in shards
-        for json_ids, _ in _read_ids(shard.ids_path)
-    ]
-    if not keys:
-        return True
-    every = np.concatenate(keys)
+    every = np.empty(sum(shard.lines for shard in shards), dtype=np.int64)
+    filled = 0
+    for shard in shards:
+        for json_ids, _ in _read_ids(shard.ids_path):
+            keys = np.frombuffer(_hash_ids(json_ids), dtype=np.int64)
+            if filled + len(keys) > len(every):  # more ids than the shards say: grow
+                grown = np.empty(max(2 * len(every), filled + len(keys)), dtype=np.int64)
+                grown[:filled] = every[:filled]
+                every = grown
+            every[filled : filled + len(keys)] = keys
+            filled += len(keys)
+    every = every[:filled]
     every.sort()
     return not bool((every[1:] == every[:-1]).any())
 

@@ -482,3 +482,22 @@ def test_lines_a_later_window_needs_are_kept_between_freed_ones(tmp_path, monkey
     if join_module._punch_hole is not None:
         ((released, freed),) = seen
         assert released and freed >= 200 * 4096
+
+
+def test_distinct_request_keys_whatever_the_shards_say_of_their_lines(tmp_path):
+    """The check reads the ids files, not the counts: shards that say they hold no lines
+    are read in full, and an id in two of them is found."""
+    from prefect_kluster.tasks.join import _distinct_request_keys
+    from prefect_kluster.tasks.types import Shard
+
+    def shard(index: int, ids: list[str]) -> Shard:
+        path = tmp_path / f"{index}.ids"
+        path.write_text("".join(json.dumps(i) + "\n" for i in ids))
+        return Shard(index=index, path="-", sha256="-", lines=0, bytes=0, first_line=1,
+                     ids_path=str(path))  # fmt: skip
+
+    first = shard(0, [f"id-{i}" for i in range(5000)])
+    assert _distinct_request_keys([first])
+    assert _distinct_request_keys([first, shard(1, [f"id-{i}" for i in range(5000, 9000)])])
+    assert not _distinct_request_keys([first, shard(2, ["id-9000", "id-4999"])])
+    assert _distinct_request_keys([])
