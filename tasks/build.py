@@ -474,16 +474,18 @@ class _Sharding:
         through the Python check (``_check``), which decides and names the problems."""
         check = line_work.native_check_block
         blocks = line_work.in_order_on_threads(
-            read_blocks(handle, line_work.REQUEST_BLOCK_BYTES),
+            line_work.read_block_parts(handle, line_work.REQUEST_BLOCK_BYTES),
             lambda read: (
-                read[1][-1] == 10 and len(read[1]) < self.max_file_bytes and not self.problems
+                (read[2] or read[1])[-1] == 10
+                and len(read[1]) + len(read[2]) < self.max_file_bytes
+                and not self.problems
             ),
-            lambda read: check(read[1]),
+            lambda read: check(read[1], read[2] or None),
             "kluster-check",
         )
         with closing(blocks):
-            for (offset, raw), answer in blocks:
-                if not self._settle(self._checked(offset, raw, answer)):
+            for (offset, head, tail), answer in blocks:
+                if not self._settle(self._checked(offset, head, tail, answer)):
                     return
 
     def _block(self, offset: int, raw: bytes) -> _Block:
@@ -497,19 +499,19 @@ class _Sharding:
         self.lines += block.count
         return block
 
-    def _checked(self, offset: int, raw: bytes, answer: Any) -> _Block:
-        """The block at ``offset``, checked: by the compiled check if it accepted it
-        (``answer``), else by ``_check``."""
+    def _checked(self, offset: int, head: bytes, tail: bytes, answer: Any) -> _Block:
+        """The block at ``offset`` (read as ``head`` and ``tail``), checked: by the compiled
+        check if it accepted it (``answer``), else by ``_check``."""
         if answer is not None:
             blob, counts, count, hashes = answer
             if self.models is None or self.models.issuperset(counts):
-                block = _Block(offset, crlf_to_lf(raw), self.lines + 1, count)
+                block = _Block(offset, crlf_to_lf(head, tail), self.lines + 1, count)
                 self.lines += count
                 block.ids, block.hashes = blob, hashes
                 block.cost = BlockCost(counts) if self.cost is not None else None
                 block.state = True
                 return block
-        block = self._block(offset, raw)
+        block = self._block(offset, head + tail)
         self._check(block)
         return block
 

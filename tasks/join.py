@@ -253,22 +253,22 @@ class _ResultIndex:
         lines and indexes them in order; no helper process. A block it does not take
         (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``."""
 
-        def read() -> Iterator[tuple[int, int, bytes]]:
+        def read() -> Iterator[tuple[int, int, bytes, bytes]]:
             for file_no, path in enumerate(self.paths):
                 with storage.open_file(path) as handle:
-                    for offset, data in read_blocks(handle):
-                        yield file_no, offset, data
+                    for offset, head, tail in line_work.read_block_parts(handle):
+                        yield file_no, offset, head, tail
 
         blocks = line_work.in_order_on_threads(
             read(),
-            lambda item: item[2][-1] == 10,
-            lambda item: JoinedBlock.joined_natively(item[2]),
+            lambda item: (item[3] or item[2])[-1] == 10,
+            lambda item: JoinedBlock.joined_natively(item[2], item[3]),
             "kluster-join",
         )
         with closing(blocks):
-            for (file_no, offset, data), block in blocks:
+            for (file_no, offset, head, tail), block in blocks:
                 if block is None:
-                    block = self._join_here(data, file_no, offset)
+                    block = self._join_here(head + tail, file_no, offset)
                 else:
                     self._place(block)
                 self._add(block, file_no, block.start)

@@ -321,6 +321,43 @@ def test_crlf_to_lf_agrees_with_the_python_one(monkeypatch):
     monkeypatch.undo()
     assert [compiled(case) for case in cases] == expected
     assert [native.crlf_to_lf(case) for case in cases] == expected
+    # in two parts (a CRLF split between them too), by both: the same as in one
+    for case, whole in zip(cases, expected, strict=True):
+        cut = rng.randrange(len(case) + 1)
+        head, tail = case[:cut], case[cut:]
+        assert native.crlf_to_lf(head, tail) == whole, (head, tail)
+        assert compiled(head, tail) == whole
+        monkeypatch.setattr(line_work, "native_crlf_to_lf", None)
+        assert line_work.crlf_to_lf(head, tail) == whole
+        monkeypatch.undo()
+    assert native.crlf_to_lf(b"a\r", b"\nb\r\n") == b"a\nb\n"
+
+
+def test_a_block_in_two_parts_reads_as_the_whole(tmp_path):
+    """The compiled passes take a block as ``read_block_parts`` gives it, the line the two
+    parts share put together: the same answers as for the block in one piece."""
+    rng = random.Random(3)
+    requests = [line(request(f"id-{i}", "Grüße 世界 " * rng.randrange(1, 30))) for i in range(300)]
+    results = [line(result(f"id-{i}", response__body__model=f"m{i % 3}")) for i in range(300)]
+    for lines, compiled in ((requests, native.check_block), (results, native.join_block)):
+        block = b"".join(x + (b"\r\n" if i % 7 == 0 else b"\n") for i, x in enumerate(lines))
+        assert compiled(block) is not None
+        for cut in [1, 2, *rng.sample(range(3, len(block) - 1), 40), len(block) - 1]:
+            head = block[:cut]
+            newline = block.find(b"\n", cut - 1)  # readline finishes the line at the cut
+            tail = b"" if block[cut - 1] == 10 else block[cut : newline + 1]
+            whole, parts = compiled(head + tail), compiled(head, tail)
+            assert whole is not None and parts is not None
+            if compiled is native.join_block:  # the joined lines come as a buffer
+                whole, parts = (bytes(whole[0]), *whole[1:]), (bytes(parts[0]), *parts[1:])
+            assert parts == whole, cut
+        assert compiled(block[:-1]) is None and compiled(block[:10], block[10:-1]) is None
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(x + b"\n" for x in requests))
+    with open(path, "rb") as one, open(path, "rb") as two:
+        wholes = list(line_work.read_blocks(one, 1000))
+        parts = list(line_work.read_block_parts(two, 1000))
+    assert [(o, h + t) for o, h, t in parts] == wholes and any(t for _, _, t in parts)
 
 
 def shard_files(shards) -> list[tuple[bytes, bytes, int, int]]:

@@ -140,6 +140,36 @@ fn hash_ids(py: Python<'_>, ids: &PyList) -> PyResult<PyObject> {
     Ok(PyBytes::new(py, &out).into())
 }
 
+/// The bytes of a block read as `head` and `tail` (`read_block_parts`: what `readline` added
+/// to finish `head`'s last line, or nothing), if it ends with a newline.
+fn block_parts<'a>(head: &'a PyBytes, tail: Option<&'a PyBytes>) -> Option<(&'a [u8], &'a [u8])> {
+    let (head, tail) = (
+        head.as_bytes(),
+        tail.map_or(&b""[..], |tail| tail.as_bytes()),
+    );
+    let last = if tail.is_empty() {
+        head.last()
+    } else {
+        tail.last()
+    };
+    (last == Some(&b'\n')).then_some((head, tail))
+}
+
+/// The lines of `head` followed by `tail` (ending with a newline), without their newlines,
+/// with no copy of `head`: the line the two share is put together in `shared`.
+fn split_parts<'a>(head: &'a [u8], tail: &'a [u8], shared: &'a mut Vec<u8>) -> Vec<&'a [u8]> {
+    if tail.is_empty() {
+        return split_block(head);
+    }
+    let cut = memchr::memrchr(b'\n', head).map_or(0, |at| at + 1);
+    let mut lines = split_block(&head[..cut]);
+    shared.extend_from_slice(&head[cut..]);
+    shared.extend_from_slice(tail);
+    let shared: &'a Vec<u8> = shared;
+    lines.extend(split_block(shared));
+    lines
+}
+
 /// A block's lines (it ends with a newline), without their newlines.
 fn split_block(block: &[u8]) -> Vec<&[u8]> {
     let mut lines = Vec::with_capacity(block.len() / 256);
@@ -151,18 +181,25 @@ fn split_block(block: &[u8]) -> Vec<&[u8]> {
     lines
 }
 
-/// `crlf_to_lf(block: bytes) -> bytes`: `block` with each CRLF line end made LF (a lone
-/// CR, JSON whitespace, is kept), as `_lines.crlf_to_lf` makes it. Called from the thread
-/// that reads, so the new 2 MB object comes from that thread's heap (made in the checking
-/// threads, their heaps grew and shrank by it: 150k page faults more a million lines).
+/// `crlf_to_lf(block: bytes, tail: bytes | None = None) -> bytes`: `block` followed by `tail`
+/// with each CRLF line end made LF (a lone CR, JSON whitespace, is kept), as
+/// `_lines.crlf_to_lf` makes it, in one copy (`block` itself when there is nothing to do).
+/// Called from the thread that reads, so the new 2 MB object comes from that thread's heap
+/// (made in the checking threads, their heaps grew and shrank by it: 150k page faults more a
+/// million lines).
 #[pyfunction]
-fn crlf_to_lf(py: Python<'_>, block: &PyBytes) -> PyResult<PyObject> {
-    let bytes = block.as_bytes();
-    let count = memchr::memmem::find_iter(bytes, b"\r\n").count();
-    if count == 0 {
+#[pyo3(text_signature = "(block, tail=None)")]
+fn crlf_to_lf(py: Python<'_>, block: &PyBytes, tail: Option<&PyBytes>) -> PyResult<PyObject> {
+    let head = block.as_bytes();
+    let tail = tail.map_or(&b""[..], |tail| tail.as_bytes());
+    // a CRLF split between the two parts is one too
+    let across = head.last() == Some(&b'\r') && tail.first() == Some(&b'\n');
+    let ends = |part: &'_ [u8]| memchr::memmem::find_iter(part, b"\r\n").count();
+    let count = ends(head) + ends(tail) + across as usize;
+    if count == 0 && tail.is_empty() {
         return Ok(block.into_py(py));
     }
-    let size = bytes.len() - count;
+    let size = head.len() + tail.len() - count;
     // An uninitialized bytes object of the final size, filled before anyone sees it (the
     // safe PyBytes::new_with would first zero it).
     unsafe {
@@ -171,13 +208,22 @@ fn crlf_to_lf(py: Python<'_>, block: &PyBytes) -> PyResult<PyObject> {
         let out =
             std::slice::from_raw_parts_mut(pyo3::ffi::PyBytes_AsString(object) as *mut u8, size);
         let mut at = 0;
-        let mut start = 0;
-        for end in memchr::memmem::find_iter(bytes, b"\r\n") {
-            out[at..at + end - start].copy_from_slice(&bytes[start..end]);
-            at += end - start;
-            start = end + 1;
+        let head_kept = if across {
+            &head[..head.len() - 1]
+        } else {
+            head
+        };
+        for part in [head_kept, tail] {
+            let mut start = 0;
+            for end in memchr::memmem::find_iter(part, b"\r\n") {
+                out[at..at + end - start].copy_from_slice(&part[start..end]);
+                at += end - start;
+                start = end + 1;
+            }
+            out[at..at + part.len() - start].copy_from_slice(&part[start..]);
+            at += part.len() - start;
         }
-        out[at..].copy_from_slice(&bytes[start..]);
+        debug_assert_eq!(at, size);
         Ok(joined)
     }
 }

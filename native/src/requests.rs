@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::{fail, id_hash, non_empty, once, split_block, Skip, Str};
+use crate::{block_parts, fail, id_hash, non_empty, once, split_parts, Skip, Str};
 
 /// Sizes of one message content, counted as the Python tally (`BlockCost.add`) counts them.
 #[derive(Default, Clone, Copy)]
@@ -387,19 +387,26 @@ fn check_block_lines(lines: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>, Tally)> {
     Some((ids, hashes, tally))
 }
 
-/// `check_block(block: bytes) -> tuple[bytes, dict[str, list[int]], int, bytes] | None`:
-/// the request check of a whole block of lines that ends with a newline (CRLF line ends
-/// allowed: CR is JSON whitespace), read with the GIL released: the JSON custom_ids (each
-/// followed by a newline), the per-model counts, the number of lines and the ids' hashes
-/// (`hash_ids`), or `None` if a line is not accepted.
+/// `check_block(block: bytes, tail: bytes | None = None) -> tuple[bytes, dict[str, list[int]],
+/// int, bytes] | None`: the request check of a whole block of lines (`block` followed by
+/// `tail`) that ends with a newline (CRLF line ends allowed: CR is JSON whitespace), read
+/// with the GIL released: the JSON custom_ids (each followed by a newline), the per-model
+/// counts, the number of lines and the ids' hashes (`hash_ids`), or `None` if a line is not
+/// accepted.
 #[pyfunction]
-pub(crate) fn check_block(py: Python<'_>, block: &PyBytes) -> PyResult<Option<PyObject>> {
-    let bytes = block.as_bytes();
-    if bytes.last() != Some(&b'\n') {
-        return Ok(None);
-    }
+#[pyo3(text_signature = "(block, tail=None)")]
+pub(crate) fn check_block(
+    py: Python<'_>,
+    block: &PyBytes,
+    tail: Option<&PyBytes>,
+) -> PyResult<Option<PyObject>> {
+    let (head, tail) = match block_parts(block, tail) {
+        Some(parts) => parts,
+        None => return Ok(None),
+    };
     let answer = py.allow_threads(|| {
-        let lines = split_block(bytes);
+        let mut shared = Vec::new();
+        let lines = split_parts(head, tail, &mut shared);
         check_block_lines(&lines).map(|(ids, hashes, tally)| (ids, hashes, tally, lines.len()))
     });
     let (ids, hashes, tally, count) = match answer {
