@@ -501,8 +501,14 @@ def _hole_puncher() -> Callable[[int, int, int], bool] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    # fallocate64 where the C library has it (glibc); fallocate itself where off_t is 64 bits
+    fallocate = getattr(libc, "fallocate64", None)
+    if fallocate is None and ctypes.sizeof(ctypes.c_long) == 8:
+        fallocate = getattr(libc, "fallocate", None)
+    if fallocate is None:
         return None
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fallocate.restype = ctypes.c_int
