@@ -166,24 +166,16 @@ def to_joined(custom_id: str, result: ResultLine | None) -> JoinedLine:
 def read_blocks(handle: BinaryIO, size: int | None = None) -> Iterator[tuple[int, bytes]]:
     """A file as (offset, block) pairs of whole lines: every block ends with a newline,
     except the file's last one when the file does not."""
-    offset = 0
-    size = size or BLOCK_BYTES
-    while True:
-        block = handle.read(size)
-        if not block:
-            break
-        if block[-1] != 10:  # finish the last line
-            block += handle.readline()
-        yield offset, block
-        offset += len(block)
+    for offset, head, tail in read_block_parts(handle, size):
+        yield offset, head + tail if tail else head
 
 
 def read_block_parts(
     handle: BinaryIO, size: int | None = None
 ) -> Iterator[tuple[int, bytes, bytes]]:
-    """``read_blocks`` for the compiled passes, which take a block as its two parts: what
-    ``read`` gave and what ``readline`` added to finish its last line (empty if nothing),
-    so that the block is never copied into one bytes only to be read."""
+    """A file as (offset, head, tail) of blocks of whole lines: what ``read`` gave and what
+    ``readline`` added to finish its last line (empty if nothing). The compiled passes take
+    a block so, never copied into one bytes only to be read; ``read_blocks`` joins them."""
     offset = 0
     size = size or BLOCK_BYTES
     while True:

@@ -140,9 +140,16 @@ fn hash_ids(py: Python<'_>, ids: &PyList) -> PyResult<PyObject> {
     Ok(PyBytes::new(py, &out).into())
 }
 
-/// The bytes of a block read as `head` and `tail` (`read_block_parts`: what `readline` added
-/// to finish `head`'s last line, or nothing), if it ends with a newline.
-fn block_parts<'a>(head: &'a PyBytes, tail: Option<&'a PyBytes>) -> Option<(&'a [u8], &'a [u8])> {
+/// `work` on the lines of a block read as `head` and `tail` (`read_block_parts`: what
+/// `readline` added to finish `head`'s last line, or nothing), with the GIL released; `None`
+/// if the block does not end with a newline or `work` declines it. What both compiled passes
+/// take a block through.
+fn on_block_lines<T: Send>(
+    py: Python<'_>,
+    head: &PyBytes,
+    tail: Option<&PyBytes>,
+    work: impl FnOnce(&[&[u8]]) -> Option<T> + Send,
+) -> Option<T> {
     let (head, tail) = (
         head.as_bytes(),
         tail.map_or(&b""[..], |tail| tail.as_bytes()),
@@ -152,7 +159,13 @@ fn block_parts<'a>(head: &'a PyBytes, tail: Option<&'a PyBytes>) -> Option<(&'a 
     } else {
         tail.last()
     };
-    (last == Some(&b'\n')).then_some((head, tail))
+    if last != Some(&b'\n') {
+        return None;
+    }
+    py.allow_threads(|| {
+        let mut shared = Vec::new();
+        work(&split_parts(head, tail, &mut shared))
+    })
 }
 
 /// The lines of `head` followed by `tail` (ending with a newline), without their newlines,

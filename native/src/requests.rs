@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::{block_parts, fail, id_hash, non_empty, once, split_parts, Skip, Str};
+use crate::{fail, id_hash, non_empty, on_block_lines, once, Skip, Str};
 
 /// Sizes of one message content, counted as the Python tally (`BlockCost.add`) counts them.
 #[derive(Default, Clone, Copy)]
@@ -400,14 +400,8 @@ pub(crate) fn check_block(
     block: &PyBytes,
     tail: Option<&PyBytes>,
 ) -> PyResult<Option<PyObject>> {
-    let (head, tail) = match block_parts(block, tail) {
-        Some(parts) => parts,
-        None => return Ok(None),
-    };
-    let answer = py.allow_threads(|| {
-        let mut shared = Vec::new();
-        let lines = split_parts(head, tail, &mut shared);
-        check_block_lines(&lines).map(|(ids, hashes, tally)| (ids, hashes, tally, lines.len()))
+    let answer = on_block_lines(py, block, tail, |lines| {
+        check_block_lines(lines).map(|(ids, hashes, tally)| (ids, hashes, tally, lines.len()))
     });
     let (ids, hashes, tally, count) = match answer {
         Some(answer) => answer,

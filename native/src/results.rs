@@ -16,7 +16,7 @@ use pyo3::AsPyPointer;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::{block_parts, fail, id_hash, once, split_parts, OptStr, Skip, Str};
+use crate::{fail, id_hash, on_block_lines, once, OptStr, Skip, Str};
 
 /// `ResultError` / the dict form of a body's `error`: the string fields read from it.
 #[derive(Default)]
@@ -596,11 +596,12 @@ fn join_lines(lines: &[&[u8]]) -> Option<JoinedLines> {
 
 /// `join_block(block: bytes, tail: bytes | None = None) -> tuple[Lines, bytes, bytes, bytes,
 /// bytes, bytes, list[str], bytes] | None`: the first pass of the join over a block of result
-/// lines (`block` followed by `tail`) that ends with a newline, with the GIL released: the joined lines (`Lines`, a buffer); the JSON custom_ids, each followed by a
-/// newline, and their `hash_ids`; per line the kind (a byte), three token counts (`array("i")`
-/// bytes), the joined line's length (`array("q")`) and a model code (`array("i")`, an index
-/// into the list of model names, -1 for none). `None` if any line is not read exactly as the
-/// Python pass reads it.
+/// lines (`block` followed by `tail`) that ends with a newline, with the GIL released: the
+/// joined lines (`Lines`, a buffer); the JSON custom_ids, each followed by a newline, and
+/// their `hash_ids`; per line the kind (a byte), three token counts (`array("i")` bytes), the
+/// joined line's length (`array("q")`) and a model code (`array("i")`, an index into the list
+/// of model names, -1 for none). `None` if any line is not read exactly as the Python pass
+/// reads it.
 #[pyfunction]
 #[pyo3(text_signature = "(block, tail=None)")]
 pub(crate) fn join_block(
@@ -608,15 +609,7 @@ pub(crate) fn join_block(
     block: &PyBytes,
     tail: Option<&PyBytes>,
 ) -> PyResult<Option<PyObject>> {
-    let (head, tail) = match block_parts(block, tail) {
-        Some(parts) => parts,
-        None => return Ok(None),
-    };
-    let joined = py.allow_threads(|| {
-        let mut shared = Vec::new();
-        join_lines(&split_parts(head, tail, &mut shared))
-    });
-    let joined = match joined {
+    let joined = match on_block_lines(py, block, tail, join_lines) {
         Some(joined) => joined,
         None => return Ok(None),
     };
