@@ -167,6 +167,9 @@ class Store:
                         "completed": b.completed,
                         "failed": b.failed,
                         "processing_seconds": seconds,
+                        # time.monotonic() when it ended (system-wide on Linux: comparable
+                        # with a client's on the same machine); None while it runs
+                        "finished_mono": b.finished_mono,
                         "created_at": b.created_at,
                     }
                 )

@@ -27,6 +27,7 @@ from pydantic import Field
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks.retry import RETRY_OPTIONS, api_error_message, is_transient_error
 from prefect_kluster.tasks.types import BatchInfo
+from prefect_kluster.tasks.wait import EARLIEST_LOOK, FinishEstimate
 
 CHAT_COMPLETIONS_ENDPOINT = "/v1/chat/completions"
 BACKOFF_FACTOR = 1.5
@@ -90,8 +91,8 @@ def _raise_if_unfinished(batch: BatchInfo, partial: bool = False) -> None:
 
 class _Pacer:
     """Adaptive polling: the pause grows by half while nothing changes (a batch queued for
-    hours costs a few calls, not thousands), drops back on any change, and never passes the
-    deadline."""
+    hours costs a few calls, not thousands), drops back on any change, is cut short when a
+    running batch's counts say it ends sooner, and never passes the deadline."""
 
     def __init__(self, job: KlusterBatchJob) -> None:
         self.interval = job.interval_seconds
@@ -100,6 +101,7 @@ class _Pacer:
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.pause = self.interval
         self.last: BatchInfo | None = None
+        self.finish = FinishEstimate()  # a running batch is looked at when due to end
 
     def next_pause(self, batch: BatchInfo | None, run: KlusterBatchJobRun) -> float | None:
         """Seconds to sleep before the next poll, or None once the batch is terminal.
@@ -116,8 +118,13 @@ class _Pacer:
         self.last = batch or self.last
         if batch is not None and batch.is_terminal:
             return None
+        pause = self.pause
+        if batch is not None:
+            now = time.monotonic()
+            soonest = now + self.interval * EARLIEST_LOOK
+            pause = self.finish.next_look([batch], now, now + pause, soonest) - now
         if self.deadline is None:
-            return self.pause
+            return pause
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             last = self.last or BatchInfo(id=run.batch_id, status="unknown")
@@ -126,7 +133,7 @@ class _Pacer:
                 "service (cancel it there, or wait again with this run's batch id)",
                 last,
             )
-        return min(self.pause, remaining)
+        return min(pause, remaining)
 
 
 class KlusterBatchJobRun(JobRun[JobResult]):  # not a block

@@ -6,6 +6,8 @@ import importlib
 import time
 from itertools import pairwise
 
+import pytest
+
 from prefect_kluster.flows import batch_inference
 from tests.helpers import read_jsonl, requests, write_jsonl
 
@@ -77,3 +79,97 @@ def test_progress_is_reported_every_few_seconds_however_often_the_run_polls(
     assert len(moving) >= 2, updates  # progress was still shown while the batch ran
     assert all(b[0] - a[0] >= REPORT_EVERY * 0.9 for a, b in pairwise(moving)), moving
     assert updates[-1][1:] == (150, 150)
+
+
+def _batch_half_done(client, path, lines: int) -> str:
+    """A batch of ``path`` made through the SDK, returned once it has run for a while."""
+    with open(path, "rb") as handle:
+        file_id = client.files.create(file=handle, purpose="batch").id
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while True:  # counting (the pace is known from here); about 3 s of lines left
+        seen = client.batches.retrieve(batch.id)
+        if seen.request_counts is not None and seen.request_counts.completed >= lines // 2:
+            return batch.id
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("waiter", ["run-watch", "poll-batch", "batch-job"])
+def test_a_batch_is_looked_at_when_its_counts_say_it_ends(
+    tmp_path, kluster_env, credentials, waiter
+):
+    """Polled every 2 s, a batch due 3 s after the wait starts is seen ended at once, not at
+    the look 4 s in: the second look sees the pace and the third is taken at the foreseen end."""
+    from prefect import flow
+
+    from prefect_kluster import KlusterBatchJob, KlusterBatchJobRun
+    from prefect_kluster.tasks.wait import poll_batch, wait_for_batch
+
+    poll, lines = 2.0, 120
+    kluster_env.configure(lines_per_second=20)  # 3 s for the second half
+    src = write_jsonl(tmp_path / "in.jsonl", requests(lines))
+    with credentials.get_client() as client:
+        batch_id = _batch_half_done(client, src, lines)
+    before = kluster_env.stats()["requests"]
+    fixed = {"poll_interval": poll, "max_poll_interval": poll}
+
+    returned: list[float] = []
+
+    @flow
+    def waiting() -> str:
+        status = wait_for_batch(credentials, batch_id, **fixed).status
+        returned.append(time.monotonic())  # not counting the flow run's own ending
+        return status
+
+    started = time.monotonic()
+    if waiter == "run-watch":
+        status = waiting()
+    elif waiter == "poll-batch":
+        status = poll_batch(credentials, batch_id, **fixed).status
+    else:
+        job = KlusterBatchJob(
+            kluster_credentials=credentials,
+            request_file=str(src),
+            interval_seconds=poll,
+            max_interval_seconds=poll,
+        )
+        status = KlusterBatchJobRun(job, batch_id).wait_for_completion().status
+    returned.append(time.monotonic())
+    assert status == "completed"
+    ended = next(b for b in kluster_env.stats()["batches"] if b["id"] == batch_id)
+    lag = returned[0] - ended["finished_mono"]
+    after = kluster_env.stats()["requests"]
+    looks = sum(
+        after.get(k, 0) - before.get(k, 0) for k in ("GET /v1/batches", "GET /v1/batches/{id}")
+    )
+    ended_in = ended["finished_mono"] - started
+    print(f"\nended {ended_in:.2f} s in; seen {lag:.2f} s later; {looks} looks")
+    # Every 2 s alone, the end (about 3 s in) is first seen by the look at 4 s: 1 s late.
+    assert 2.2 < ended_in < 3.8
+    assert lag < 0.7, lag  # (the look a tenth late; the regular one would be 1 s late)
+    assert looks <= 6, looks  # at 0, 2, the foreseen end, and a few close to it at most
+
+
+def test_a_foreseen_end_never_brings_looks_closer_than_a_quarter_poll():
+    from prefect_kluster.tasks.types import BatchInfo, RequestCounts
+    from prefect_kluster.tasks.wait import FinishEstimate
+
+    def seen(status: str, done: int, total: int = 100) -> BatchInfo:
+        return BatchInfo(
+            id="b", status=status, request_counts=RequestCounts(total=total, completed=done)
+        )
+
+    finish = FinishEstimate()
+    regular, soonest = 1000.0, 0.0
+    assert finish.next_look([seen("validating", 0)], 0.0, regular, soonest) == regular
+    assert finish.next_look([seen("in_progress", 10)], 10.0, regular, soonest) == regular
+    # 10 lines a second since first seen running: 40 left, due 4 s on (a tenth late: 4.4)
+    assert finish.next_look([seen("in_progress", 60)], 15.0, regular, soonest) == 19.4
+    assert finish.next_look([seen("in_progress", 60)], 15.0, 17.0, soonest) == 17.0
+    # the last line stalls: the guess is near, but no look comes before `soonest`
+    assert finish.next_look([seen("in_progress", 99)], 19.0, regular, 19.5) == 19.5
+    assert finish.next_look([seen("in_progress", 100)], 20.0, regular, 20.5) == regular
+    assert finish.next_look([seen("finalizing", 100)], 21.0, regular, 21.5) == regular
+    # running again (a new batch with the same id would start from scratch)
+    assert finish.next_look([seen("in_progress", 0)], 30.0, regular, soonest) == regular
