@@ -13,8 +13,11 @@ if __name__ == "__main__":  # the command line checks what it can before importi
 
     sys.exit(main())
 
+import contextvars
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from prefect import flow
@@ -254,18 +257,20 @@ def batch_inference(
         allowed,
         windows,
     )
-    publish_cost_estimate(estimate)
+    reports = [_beside(publish_cost_estimate, estimate)]
     check_budget(estimate, limits.max_cost, run.completion_window)  # refused before paying
     if run.estimate_only:
         logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
+        _reported(reports)
         return _estimate_result(estimate, output_path, work)
     reservation = _reserve_budget(work, estimate.upper_usd(run.completion_window), output_path)
     total_lines = sum(s.lines for s in shards)
-    progress_id = create_batch_progress(total_lines)
+    progress = _beside(create_batch_progress, total_lines)
+    reports.append(progress)
 
     def show_progress(board: dict[str, BatchInfo]) -> None:
         counts = summed_counts(board.values())
-        update_batch_progress(progress_id, counts.completed + counts.failed, counts.total)
+        update_batch_progress(progress.result(), counts.completed + counts.failed, counts.total)
 
     watch_progress(show_progress)
     known = existing.result() if existing is not None else []
@@ -284,6 +289,7 @@ def batch_inference(
             known = known + [r.batch for r in finished if r.batch.id not in seen]
             known = known + [b for b in running if b.id not in seen]
             if running or queued:
+                _reported(reports)
                 pending = _pending_result(
                     state, output_path, credentials_block, input_path, source, requests,
                     output, limits, running, finished, queued, round_no,
@@ -310,6 +316,7 @@ def batch_inference(
                     credentials, since=journal.first_intent_time_any()
                 )
     except BatchWaitTimeout as exc:
+        _reported(reports)
         _release_budget(work, reservation)
         cancelled = cancel_running_batches(credentials, journal.batch_ids())
         raise BatchRunError(
@@ -318,6 +325,7 @@ def batch_inference(
             "batch(es). Rerun with the same inputs to collect what finished."
         ) from exc
     except BaseException:
+        _reported(reports)
         _release_budget(work, reservation)
         raise
     finally:
@@ -332,7 +340,6 @@ def batch_inference(
         parquet_path = parquet_path_for(output_path)
         write_parquet(output_path, parquet_path)
         summary.parquet_path = parquet_path
-    unregister_pending(work)
     cost = actual_cost(summary.usage_by_model, prices, run.completion_window)
     if reservation is not None:
         budget.settle(reservation, cost.total_usd)
@@ -356,13 +363,19 @@ def batch_inference(
         cost_usd=cost.total_usd,
         cost=cost,
     )
-    update_batch_progress(progress_id, summary.requests, summary.requests)
+    reports.append(
+        _beside(update_batch_progress, progress.result(), summary.requests, summary.requests)
+    )
     cost_rows = [
         ("Estimated cost", estimate.summary_line(run.completion_window)),
         ("Actual cost", f"{format_usd(cost.total_usd)} ({cost.window}; {cost.price_source})"),
     ]
-    publish_run_summary(batches, summary, result.status, extra_rows=cost_rows)
+    reports.append(
+        _beside(publish_run_summary, batches, summary, result.status, extra_rows=cost_rows)
+    )
     emit_run_cost(estimate, cost, output_path)
+    unregister_pending(work)
+    _reported(reports)
     logger.info(
         "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
         "completion tokens; cost %s (estimated %s); results in %s",
@@ -391,6 +404,24 @@ def batch_inference(
             result,
         )
     return result
+
+
+# Artifacts go to the Prefect server beside the run's own work: each is a server round trip
+# (or two) that the run need not wait for before going on. Every one has ended before the
+# run returns (or raises); a report that fails only logs a warning (flows/reporting.py).
+_REPORTING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kluster-report")
+
+
+def _beside(report: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    """Start ``report`` in a reporting thread, in this run's context (its artifacts are
+    the run's)."""
+    return _REPORTING.submit(contextvars.copy_context().run, report, *args, **kwargs)
+
+
+def _reported(reports: list[Future[Any]]) -> None:
+    """Wait for the run's reports to reach the server."""
+    for report in reports:
+        report.exception()
 
 
 def _reservation_path(work: str) -> str:
