@@ -13,6 +13,7 @@ never depend on it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import subprocess
@@ -187,6 +188,43 @@ def read_block_parts(
         offset += len(block) + len(tail)
 
 
+def map_block_parts(path: str, size: int | None = None) -> Iterator[tuple[int, memoryview, bytes]]:
+    """A local file as ``read_block_parts`` gives it, but each block a view of the file's
+    read-only mapping (the tail always empty): the compiled passes read the page cache's
+    pages themselves, with no copy made (a sixth of the join's time at 1M lines was
+    ``read`` copying 860 MB of result files while both cores joined). The pages of blocks
+    left ``MAPPED_BEHIND`` blocks behind leave the mapping (the page cache keeps them), so
+    the process maps a few blocks at a time, not the file."""
+    size = size or BLOCK_BYTES
+    with open(path, "rb") as handle:
+        length = os.fstat(handle.fileno()).st_size
+        if not length:
+            return
+        mapped = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    starts: deque[int] = deque()
+    try:
+        offset = 0
+        while offset < length:
+            newline = mapped.find(b"\n", offset + size - 1)
+            end = length if newline < 0 else newline + 1
+            yield offset, view[offset:end], b""
+            starts.append(offset)
+            if len(starts) > MAPPED_BEHIND and _DROP_PAGES is not None:
+                # Safe even if that block were still read: its pages come back on touch.
+                done = starts.popleft() // mmap.PAGESIZE * mmap.PAGESIZE
+                below = starts[0] // mmap.PAGESIZE * mmap.PAGESIZE
+                if below > done:
+                    mapped.madvise(_DROP_PAGES, done, below - done)
+            offset = end
+    finally:
+        try:
+            view.release()
+            mapped.close()
+        except BufferError:  # a block still held elsewhere: unmapped when it is let go
+            pass
+
+
 def crlf_to_lf(block: bytes, tail: bytes = b"") -> bytes:
     """``block`` followed by ``tail``, with each CRLF line end made LF (a lone CR, JSON
     whitespace, is kept).
@@ -218,6 +256,10 @@ def crlf_to_lf(block: bytes, tail: bytes = b"") -> bytes:
 # Blocks read ahead of the one being taken on the compiled passes' path: enough to keep both
 # threads busy, few enough to keep memory flat (2 to 4 MB each).
 NATIVE_AHEAD = 6
+# Blocks of a mapped file kept in the mapping behind the newest (``map_block_parts``): those
+# being joined, and those joined but not yet taken, stay mapped.
+MAPPED_BEHIND = NATIVE_AHEAD + 2
+_DROP_PAGES = getattr(mmap, "MADV_DONTNEED", None)  # not everywhere mmap is
 
 
 def in_order_on_threads(
@@ -615,7 +657,7 @@ class JoinedBlock:
         self.start = 0  # where the caller put ``data``
 
     @classmethod
-    def joined_natively(cls, block: bytes, tail: bytes = b"") -> JoinedBlock | None:
+    def joined_natively(cls, block: bytes | memoryview, tail: bytes = b"") -> JoinedBlock | None:
         """The same block (``block`` followed by ``tail``, see ``read_block_parts``) from
         the compiled first pass (``native/``, GIL released), or
         None where it does not read every line exactly as this class does: ``data`` is then

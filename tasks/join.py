@@ -253,8 +253,13 @@ class _ResultIndex:
         lines and indexes them in order; no helper process. A block it does not take
         (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``."""
 
-        def read() -> Iterator[tuple[int, int, bytes, bytes]]:
+        def read() -> Iterator[tuple[int, int, Any, bytes]]:
             for file_no, path in enumerate(self.paths):
+                local = storage.local_path(path)
+                if local is not None:  # read from the page cache in place
+                    for offset, head, tail in line_work.map_block_parts(local):
+                        yield file_no, offset, head, tail
+                    continue
                 with storage.open_file(path) as handle:
                     for offset, head, tail in line_work.read_block_parts(handle):
                         yield file_no, offset, head, tail
@@ -268,7 +273,7 @@ class _ResultIndex:
         with closing(blocks):
             for (file_no, offset, head, tail), block in blocks:
                 if block is None:
-                    block = self._join_here(head + tail, file_no, offset)
+                    block = self._join_here(bytes(head) + tail, file_no, offset)
                 else:
                     self._place(block)
                 self._add(block, file_no, block.start)

@@ -847,3 +847,55 @@ def test_strings_read_alike_wherever_an_escape_falls(skip):
         cut = request_template[: request_template.index(b"TEXT@")] + b"x" * skip + piece
         assert native_answer([cut]) is None and python_answer([cut]) is None
     assert took >= 3 * 2 * 5  # the valid pieces, in every field, by both passes
+
+
+def _mapped_kb() -> int:
+    """This process's resident file-backed memory (mapped files' pages), in kB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("RssFile:")).split()[1])
+
+
+def test_a_mapped_file_gives_the_blocks_a_read_gives(tmp_path):
+    """``map_block_parts`` (the join's reader of local result files) cuts a file where
+    ``read_block_parts`` does, with no copy: the compiled passes read its views as they read
+    bytes, a view that is not one piece is refused, and the mapping holds a few blocks at a
+    time, not the file."""
+    rng = random.Random(5)
+    rows = [line(result(f"id-{i}", response__body__content="Grüße 世界 " * rng.randrange(1, 90)))
+            for i in range(2000)]  # fmt: skip
+    cases = {
+        "plain": b"".join(x + b"\n" for x in rows),
+        "crlf, no last newline": b"".join(x + b"\r\n" for x in rows)[:-2],
+        "a line longer than a block": b"x" * 5000 + b"\n" + rows[1] + b"\n",
+        "one newline": b"\n",
+        "empty": b"",
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{len(name)}.jsonl"
+        path.write_bytes(content)
+        with open(path, "rb") as handle:
+            read = [(o, h + t) for o, h, t in line_work.read_block_parts(handle, 1000)]
+        mapped = [(o, bytes(v), t) for o, v, t in line_work.map_block_parts(str(path), 1000)]
+        assert [(o, v) for o, v, _ in mapped] == read, name
+        assert all(t == b"" for _, _, t in mapped), name
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(cases["plain"])
+    with open(path, "rb") as handle:
+        blocks = list(line_work.read_blocks(handle, 4096))
+    views = list(line_work.map_block_parts(str(path), 4096))
+    assert len(views) == len(blocks) > 10
+    for (_, view, _), (_, block) in zip(views, blocks, strict=True):
+        assert isinstance(view, memoryview)
+        joined, from_bytes = native.join_block(view), native.join_block(block)
+        assert (bytes(joined[0]), *joined[1:]) == (bytes(from_bytes[0]), *from_bytes[1:])
+    for unfit in (memoryview(cases["plain"])[::2], bytearray(cases["plain"])):
+        with pytest.raises(ValueError, match="read-only contiguous"):
+            native.join_block(unfit)
+
+    big = tmp_path / "big.jsonl"  # 48 MB read in 1 MB blocks, every page of each touched
+    big.write_bytes((b"x" * 1023 + b"\n") * (48 << 10))
+    before, most = _mapped_kb(), 0
+    for _, view, _ in line_work.map_block_parts(str(big), 1 << 20):
+        assert sum(view[::4096]) == 120 * len(view[::4096])
+        most = max(most, _mapped_kb() - before)
+    assert most < (line_work.MAPPED_BEHIND + 4) * 1024, most  # kB: not the 48 MB file

@@ -17,6 +17,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::Hasher;
 
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -146,13 +148,15 @@ fn hash_ids(py: Python<'_>, ids: &PyList) -> PyResult<PyObject> {
 /// take a block through.
 fn on_block_lines<T: Send>(
     py: Python<'_>,
-    head: &PyBytes,
-    tail: Option<&PyBytes>,
+    head: &PyAny,
+    tail: Option<&PyAny>,
     work: impl FnOnce(&[&[u8]]) -> Option<T> + Send,
-) -> Option<T> {
+) -> PyResult<Option<T>> {
+    let head = Borrowed::new(head)?;
+    let tail = tail.map(Borrowed::new).transpose()?;
     let (head, tail) = (
-        head.as_bytes(),
-        tail.map_or(&b""[..], |tail| tail.as_bytes()),
+        head.bytes(),
+        tail.as_ref().map_or(&b""[..], Borrowed::bytes),
     );
     let last = if tail.is_empty() {
         head.last()
@@ -160,12 +164,39 @@ fn on_block_lines<T: Send>(
         tail.last()
     };
     if last != Some(&b'\n') {
-        return None;
+        return Ok(None);
     }
-    py.allow_threads(|| {
+    Ok(py.allow_threads(|| {
         let mut shared = Vec::new();
         work(&split_parts(head, tail, &mut shared))
-    })
+    }))
+}
+
+/// The bytes of an object with the buffer protocol (`bytes`, or a `memoryview` of a file's
+/// read-only `mmap`: the join reads result files so, with no copy), held while read.
+struct Borrowed(PyBuffer<u8>);
+
+impl Borrowed {
+    fn new(object: &PyAny) -> PyResult<Self> {
+        let buffer = PyBuffer::<u8>::get(object)?;
+        // read-only: nothing can change it while the GIL is released
+        if !buffer.is_c_contiguous() || !buffer.readonly() {
+            return Err(PyValueError::new_err(
+                "a block must be one read-only contiguous buffer",
+            ));
+        }
+        Ok(Self(buffer))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        let len = self.0.len_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: a contiguous read-only buffer of `len` bytes, kept alive (its exporter
+        // unable to resize or free it) while `self` holds the view.
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, len) }
+    }
 }
 
 /// The lines of `head` followed by `tail` (ending with a newline), without their newlines,

@@ -397,12 +397,12 @@ fn check_block_lines(lines: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>, Tally)> {
 #[pyo3(text_signature = "(block, tail=None)")]
 pub(crate) fn check_block(
     py: Python<'_>,
-    block: &PyBytes,
-    tail: Option<&PyBytes>,
+    block: &PyAny,
+    tail: Option<&PyAny>,
 ) -> PyResult<Option<PyObject>> {
     let answer = on_block_lines(py, block, tail, |lines| {
         check_block_lines(lines).map(|(ids, hashes, tally)| (ids, hashes, tally, lines.len()))
-    });
+    })?;
     let (ids, hashes, tally, count) = match answer {
         Some(answer) => answer,
         None => return Ok(None),

@@ -606,10 +606,10 @@ fn join_lines(lines: &[&[u8]]) -> Option<JoinedLines> {
 #[pyo3(text_signature = "(block, tail=None)")]
 pub(crate) fn join_block(
     py: Python<'_>,
-    block: &PyBytes,
-    tail: Option<&PyBytes>,
+    block: &PyAny,
+    tail: Option<&PyAny>,
 ) -> PyResult<Option<PyObject>> {
-    let joined = match on_block_lines(py, block, tail, join_lines) {
+    let joined = match on_block_lines(py, block, tail, join_lines)? {
         Some(joined) => joined,
         None => return Ok(None),
     };
