@@ -346,9 +346,8 @@ class RunWatch:
                 # the last look, not after a long one; many starting at once share that look.
                 # A running batch foreseen to end sooner is looked at then.
                 soonest = began + self.first_pause * EARLIEST_LOOK
-                live = [b for b in found.values() if not b.is_terminal]
                 polled_at = began
-                deadline = self.finish.next_look(live, seen_at, began + pause, soonest)
+                deadline = self.finish.next_look(found.values(), seen_at, began + pause, soonest)
                 while (left := deadline - time.monotonic()) > 0:
                     if self.wake.wait(left):
                         self.wake.clear()
