@@ -27,7 +27,7 @@ from pydantic import Field
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks.retry import RETRY_OPTIONS, api_error_message, is_transient_error
 from prefect_kluster.tasks.types import BatchInfo
-from prefect_kluster.tasks.wait import EARLIEST_LOOK, FinishEstimate
+from prefect_kluster.tasks.wait import FinishEstimate
 
 CHAT_COMPLETIONS_ENDPOINT = "/v1/chat/completions"
 BACKOFF_FACTOR = 1.5
@@ -121,8 +121,7 @@ class _Pacer:
         pause = self.pause
         if batch is not None:
             now = time.monotonic()
-            soonest = now + self.interval * EARLIEST_LOOK
-            pause = self.finish.next_look([batch], now, now + pause, soonest) - now
+            pause = self.finish.next_look([batch], now, now + pause, now, self.interval) - now
         if self.deadline is None:
             return pause
         remaining = self.deadline - time.monotonic()

@@ -47,12 +47,12 @@ from prefect_kluster.tasks.schema import (
     result_decoder,
 )
 
-# The compiled request check (native/, built by `make native`): the same answers for a valid
-# block, 2.5x faster on one core and with the GIL released; absent (a plain pip install, no
-# Rust toolchain) or turned off with PREFECT_KLUSTER_NATIVE=0, the Python check does all.
 T = TypeVar("T")
 R = TypeVar("R")
 
+# The compiled request check (native/, built by `make native`): the same answers for a valid
+# block, 2.5x faster on one core and with the GIL released; absent (a plain pip install, no
+# Rust toolchain) or turned off with PREFECT_KLUSTER_NATIVE=0, the Python check does all.
 _native: Any = None
 if os.environ.get("PREFECT_KLUSTER_NATIVE", "1") != "0":
     try:

@@ -92,14 +92,21 @@ class FinishEstimate:
         return seen_at + (counts.total - done) / pace * FINISH_MARGIN
 
     def next_look(
-        self, batches: Iterable[BatchInfo], seen_at: float, regular: float, soonest: float
+        self,
+        batches: Iterable[BatchInfo],
+        seen_at: float,
+        regular: float,
+        looked_at: float,
+        poll_interval: float,
     ) -> float:
-        """The time of the next poll: ``regular``, or a foreseen end before it (never before
-        ``soonest``, so a pace guessed too fast costs a few polls, not a storm)."""
+        """The time of the next poll, after a look begun at ``looked_at`` that saw
+        ``batches`` at ``seen_at``: ``regular``, or a foreseen end before it (never sooner
+        than ``EARLIEST_LOOK`` of ``poll_interval`` after the look, so a pace guessed too
+        fast costs a few polls, not a storm)."""
         ends = [e for b in batches if (e := self.update(b, seen_at)) is not None]
         if not ends:
             return regular
-        return min(regular, max(min(ends), soonest))
+        return min(regular, max(min(ends), looked_at + poll_interval * EARLIEST_LOOK))
 
 
 def retrieve_batch(credentials: KlusterCredentials, batch_id: str) -> BatchInfo:
@@ -148,8 +155,7 @@ def poll_batch(
                 return batch
             if deadline is not None and time.monotonic() >= deadline:
                 raise BatchWaitTimeout(batch, timeout or 0)
-            soonest = began + first_pause * EARLIEST_LOOK
-            look = finish.next_look([batch], seen_at, began + pause, soonest)
+            look = finish.next_look([batch], seen_at, began + pause, began, first_pause)
             if deadline is not None:
                 look = min(look, deadline)
             time.sleep(max(look - time.monotonic(), 0))
@@ -345,9 +351,10 @@ class RunWatch:
                 # A batch that starts being watched is looked at within the first pause of
                 # the last look, not after a long one; many starting at once share that look.
                 # A running batch foreseen to end sooner is looked at then.
-                soonest = began + self.first_pause * EARLIEST_LOOK
                 polled_at = began
-                deadline = self.finish.next_look(found.values(), seen_at, began + pause, soonest)
+                deadline = self.finish.next_look(
+                    found.values(), seen_at, began + pause, began, self.first_pause
+                )
                 while (left := deadline - time.monotonic()) > 0:
                     if self.wake.wait(left):
                         self.wake.clear()

@@ -161,15 +161,19 @@ def test_a_foreseen_end_never_brings_looks_closer_than_a_quarter_poll():
         )
 
     finish = FinishEstimate()
-    regular, soonest = 1000.0, 0.0
-    assert finish.next_look([seen("validating", 0)], 0.0, regular, soonest) == regular
-    assert finish.next_look([seen("in_progress", 10)], 10.0, regular, soonest) == regular
+    regular, poll = 1000.0, 2.0  # looks every 2 s: a foreseen end no sooner than 0.5 s after
+
+    def look(status: str, done: int, at: float, regular: float = regular) -> float:
+        return finish.next_look([seen(status, done)], at, regular, at, poll)
+
+    assert look("validating", 0, 0.0) == regular
+    assert look("in_progress", 10, 10.0) == regular
     # 10 lines a second since first seen running: 40 left, due 4 s on (a tenth late: 4.4)
-    assert finish.next_look([seen("in_progress", 60)], 15.0, regular, soonest) == 19.4
-    assert finish.next_look([seen("in_progress", 60)], 15.0, 17.0, soonest) == 17.0
-    # the last line stalls: the guess is near, but no look comes before `soonest`
-    assert finish.next_look([seen("in_progress", 99)], 19.0, regular, 19.5) == 19.5
-    assert finish.next_look([seen("in_progress", 100)], 20.0, regular, 20.5) == regular
-    assert finish.next_look([seen("finalizing", 100)], 21.0, regular, 21.5) == regular
+    assert look("in_progress", 60, 15.0) == 19.4
+    assert look("in_progress", 60, 15.0, regular=17.0) == 17.0
+    # the last line stalls: the guess is near, but no look comes before a quarter poll
+    assert look("in_progress", 99, 19.0) == 19.5
+    assert look("in_progress", 100, 20.0) == regular
+    assert look("finalizing", 100, 21.0) == regular
     # running again (a new batch with the same id would start from scratch)
-    assert finish.next_look([seen("in_progress", 0)], 30.0, regular, soonest) == regular
+    assert look("in_progress", 0, 30.0) == regular
