@@ -1,10 +1,12 @@
-"""Prefect API clients that share one TLS context, and a write that does not sleep seconds
-when the server is briefly busy.
+"""Prefect API clients that cost no set-up, and a write that does not sleep seconds when
+the server is briefly busy.
 
-``prefect.client.orchestration.get_client`` builds a new TLS context for every client it
-makes (loading the CA bundle: about 40 ms of CPU here, 50 ms a client in all), and a run
-makes one per claim, progress update and state read. ``prefect_client`` hands it the
-process's context instead, made once the way Prefect makes it.
+In a flow run, ``prefect_client`` is the run's own client: its connections are open and
+its CSRF token fetched, where a new client fetches a token before its first write (a round
+trip more on each claim and progress update). Elsewhere it makes a client, with the
+process's TLS context: ``prefect.client.orchestration.get_client`` builds a new one for
+every client it makes (loading the CA bundle: about 40 ms of CPU here, 50 ms a client in
+all).
 
 A Prefect server on SQLite answers 503 ("database is locked") when a delete (which reads,
 then writes) meets other writes, and Prefect's client then sleeps ``2**n`` seconds (2, 4, 8
@@ -15,15 +17,18 @@ tries such a call again after milliseconds instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import certifi
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
 
@@ -37,12 +42,24 @@ def _tls_context(insecure: bool, cert_file: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cert_file or certifi.where())
 
 
-def prefect_client() -> Any:
-    """``get_client(sync_client=True)`` with the process's TLS context (same settings:
-    PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_SSL_CERT_FILE)."""
+@contextlib.contextmanager
+def prefect_client() -> Iterator[SyncPrefectClient]:
+    """The flow run's own sync client (Prefect's task threads share it too; it is not
+    closed here), or outside a run (or once it has ended) ``get_client(sync_client=True)``
+    with the process's TLS context (same settings: PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_API_SSL_CERT_FILE)."""
+    run_context = SyncClientContext.get()
+    if run_context is not None and _open(run_context.client):
+        yield run_context.client
+        return
     insecure = bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value())
     context = _tls_context(insecure, PREFECT_API_SSL_CERT_FILE.value() or None)
-    return get_client(httpx_settings={"verify": context}, sync_client=True)
+    with get_client(httpx_settings={"verify": context}, sync_client=True) as client:
+        yield client
+
+
+def _open(client: Any) -> bool:
+    return bool(getattr(client, "_started", False)) and not getattr(client, "_closed", True)
 
 
 BUSY_CODES = frozenset({429, 502, 503})

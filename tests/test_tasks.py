@@ -320,6 +320,70 @@ def test_submit_releases_the_shard_claim_once_the_batch_is_recorded(tmp_path, cr
     wait_until(lambda: not claims._claims(key), timeout=30)  # deleted on the server
 
 
+def test_a_flow_run_claims_and_reports_through_its_own_prefect_client(tmp_path, monkeypatch):
+    """In a flow run (its task threads, and threads started in its context) the run's own
+    Prefect client is used: no new client, so no CSRF token fetched before each write, and
+    the client is not closed by a claim. Outside a run, and in a thread that outlives the
+    run, each use gets a client of its own, closed after it."""
+    import contextvars
+
+    from prefect import task
+    from prefect.context import SyncClientContext
+
+    from prefect_kluster.tasks import claims
+    from prefect_kluster.tasks._prefect import prefect_client
+
+    paths: list[str] = []
+    send = httpx.Client.send
+
+    def recorded(self, request, *args, **kwargs):
+        paths.append(request.url.path)
+        return send(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recorded)
+    key = f"own-client-{time.time_ns()}"
+
+    @task
+    def claim_and_release() -> bool:
+        run_client = SyncClientContext.get().client
+        with prefect_client() as client:
+            same = client is run_client
+        claims.acquire(key, lambda claim: None)
+        claims.release(key)
+        return same and not run_client._closed
+
+    @flow
+    def run() -> tuple[bool, bool, contextvars.Context]:
+        paths.clear()
+        in_task = claim_and_release.submit().result()
+        seen: list[bool] = []
+        run_client = SyncClientContext.get().client
+
+        def in_thread() -> None:
+            with prefect_client() as client:
+                seen.append(client is run_client)
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(in_thread,))
+        worker.start()
+        worker.join()
+        return in_task, seen == [True], contextvars.copy_context()
+
+    in_task, in_thread, run_context = run()
+    assert in_task and in_thread
+    assert any(p.endswith("/variables/") for p in paths)  # the claim was made over HTTP
+    assert not [p for p in paths if p.endswith("/csrf-token")], paths
+
+    def after_the_run() -> tuple[object, bool]:
+        with prefect_client() as client:
+            assert client.read_variable_by_name(f"{key}-none") is None  # it works
+            return client, client._closed
+
+    client, closed_inside = run_context.run(after_the_run)
+    assert not closed_inside and client._closed  # its own client, closed after use
+    with prefect_client() as first, prefect_client() as second:
+        assert first is not second
+
+
 def test_claims_released_in_the_background_are_all_gone_when_the_block_ends(tmp_path, credentials):
     """Within ``releasing_in_background`` (as a run's shards are), submit hands its claim
     to the background deleter: not held after submit, and gone from the server as soon as
