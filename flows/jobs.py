@@ -27,10 +27,9 @@ from pydantic import Field
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks.retry import RETRY_OPTIONS, api_error_message, is_transient_error
 from prefect_kluster.tasks.types import BatchInfo
-from prefect_kluster.tasks.wait import FinishEstimate
+from prefect_kluster.tasks.wait import BACKOFF_FACTOR, FinishEstimate
 
 CHAT_COMPLETIONS_ENDPOINT = "/v1/chat/completions"
-BACKOFF_FACTOR = 1.5
 
 JobResult = list[dict[str, Any]] | str
 
