@@ -19,6 +19,7 @@ from prefect_kluster.tasks.submit import ShardUpload, find_batch, identity_key
 from prefect_kluster.tasks.types import SERVICE_MAX_FILE_BYTES, BatchInfo, Shard, parse_timestamp
 
 RATE_LIMIT_PAUSES = (0.5, 1.0, 2.0)  # seconds before sending a refused (429) upload again
+ANSWERED = "answered"  # journal field: the file id is the service's answer to a single send
 
 
 class FileLimitError(ValueError):
@@ -74,6 +75,13 @@ def _find_upload(client: OpenAI, filename: str, since: float) -> str | None:
         if item.filename == filename and (created is None or created.timestamp() >= since - 120):
             return item.id
     return None
+
+
+def _all_answered(events: list[dict]) -> bool:
+    """Every upload intent of a shard has its answer, each the service's own to one send."""
+    intents = sum(e["event"] == "upload_intent" for e in events)
+    answers = [e for e in events if e["event"] == "uploaded"]
+    return len(answers) == intents and all(e.get(ANSWERED) for e in answers)
 
 
 def _orphans(client: OpenAI, filename: str, recorded: set[str]) -> list[str]:
@@ -140,32 +148,36 @@ def _upload_once(
             return ShardUpload(key=key, identity=identity, file_id=known)
     intent = journal.first_intent_time(key)
     found = _find_upload(client, name, intent) if intent is not None else None
+    # The service's own answer to our one upload, sent once: then no other upload of this
+    # intent can exist, and the clean-up need not look for any (see ``clean_up_uploads``).
+    answered = False
     if found is None:
         check_file_limits(shard.path, SERVICE_MAX_FILE_BYTES)
         journal.record("upload_intent", key, shard=name)
         started = time.time()
         try:
-            found = _create_file(client, name, shard.path)
+            found, sends = _create_file(client, name, shard.path)
+            answered = sends == 1
         except Exception as exc:
             found = _find_upload(client, name, started) if is_transient_error(exc) else None
             if found is None:
                 raise
             logger.info("Upload answer was lost; found the file %s", found)
-    journal.record("uploaded", key, file_id=found)
+    journal.record("uploaded", key, file_id=found, **({ANSWERED: True} if answered else {}))
     logger.info("Uploaded shard %d as file %s", shard.index, found)
     return ShardUpload(key=key, identity=identity, file_id=found)
 
 
-def _create_file(client: OpenAI, name: str, path: str) -> str:
-    """Upload the shard. No SDK retry: a retried upload after a lost answer leaves a
-    duplicate. A 429 is different: the service refused before storing anything, so it is sent
-    again here after a short pause (a rate-limit storm would otherwise use up the task's
-    retries on one shard)."""
+def _create_file(client: OpenAI, name: str, path: str) -> tuple[str, int]:
+    """Upload the shard: its file id and how many times it was sent. No SDK retry: a
+    retried upload after a lost answer leaves a duplicate. A 429 is different: the service
+    refused before storing anything, so it is sent again here after a short pause (a
+    rate-limit storm would otherwise use up the task's retries on one shard)."""
     once = client.with_options(max_retries=0)
-    for pause in (*RATE_LIMIT_PAUSES, None):
+    for sends, pause in enumerate((*RATE_LIMIT_PAUSES, None), start=1):
         try:
             with storage.open_file(path) as handle:
-                return once.files.create(file=(name, handle), purpose="batch").id
+                return once.files.create(file=(name, handle), purpose="batch").id, sends
         except openai.RateLimitError:
             if pause is None:
                 raise
@@ -177,9 +189,16 @@ def _create_file(client: OpenAI, name: str, path: str) -> str:
 def clean_up_uploads(
     credentials: KlusterCredentials, shard: Shard, batch: BatchInfo, state_dir: str, key: str
 ) -> list[str]:
-    """Delete this shard's uploads that ended up with no batch (lost responses, crashes)."""
+    """Delete this shard's uploads that ended up with no batch (lost responses, crashes).
+
+    When the journal shows each upload of the shard answered by the service at once and
+    that file in the batch, there is none: no listing of the service's files (pages of
+    them, per shard) and no reading of every shard's journal."""
     journal = Journal(state_dir)
-    recorded = {e["file_id"] for e in journal.events(key) if e.get("file_id")}
+    events = journal.events(key)
+    recorded = {e["file_id"] for e in events if e.get("file_id")}
+    if _all_answered(events) and recorded == {batch.input_file_id}:
+        return []
     in_use = {e["file_id"] for e in journal.events() if e["event"] == "submitted"}
     in_use.add(batch.input_file_id or "")
     deleted = []

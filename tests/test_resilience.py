@@ -143,6 +143,30 @@ def test_lost_responses_after_paid_calls_make_no_duplicates(tmp_path, kluster_en
     assert_complete(tmp_path / "o.jsonl", rows)
 
 
+def test_uploads_answered_at_once_are_not_looked_for_again(tmp_path, kluster_env):
+    """The clean-up lists the service's files only when an upload's answer was in doubt: a
+    run whose every upload was answered at once makes no files list call (one a shard
+    before, each walking every page of the account's files)."""
+    rows = requests(30)
+    run_flow(tmp_path, rows, max_requests_per_file=10)
+    stats = kluster_env.stats()["requests"]
+    assert stats["POST /v1/files"] == 3 and stats["POST /v1/batches"] == 3
+    assert stats.get("GET /v1/files", 0) == 0
+    assert len(live_input_files(kluster_env)) == 3
+    assert_complete(tmp_path / "o.jsonl", rows)
+    # A shard whose upload was found by a search (its answer lost) is looked for again.
+    kluster_env.reset()
+    kluster_env.configure(fault_rate=1.0, fault_after_create=True, fault_routes=["POST /v1/files"])
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    run_flow(lost, rows[:10])
+    kluster_env.configure(fault_rate=0.0)
+    listed = kluster_env.stats()["requests"]["GET /v1/files"]
+    assert listed >= 2, "one search for the lost answer, one for the clean-up"
+    assert len(live_input_files(kluster_env)) == 1, "the duplicate uploads are deleted"
+    assert_complete(lost / "o.jsonl", rows[:10])
+
+
 def test_timeout_cancels_the_remote_batches(tmp_path, kluster_env):
     kluster_env.configure(lines_per_second=10)
     with pytest.raises(BatchRunError, match="timed out .* cancelled 1 running"):
