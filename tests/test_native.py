@@ -246,6 +246,21 @@ def test_custom_ids_are_written_as_msgspec_writes_them(custom_id):
         assert native_answer([data])[0] == [msgspec.json.encode(custom_id)]
 
 
+@pytest.mark.parametrize("length", [85, 127, 128, 254, 255, 256, 509, 511, 766, 5000])
+def test_long_texts_count_their_characters_as_python_does(length):
+    """The compiled count of a text's characters goes 255 bytes at a time: characters of one
+    to four bytes, split across those runs at every offset, each count once."""
+    alphabet = "aé世🎉"
+    text = "".join(alphabet[(i * 7 + i // 5) % 4] for i in range(length))
+    for shift in range(5):
+        data = line(request(f"long-{shift}", text[shift:], max_tokens=7))
+        ours = native_answer([data])
+        assert ours is not None and ours == python_answer([data])
+        (counts,) = ours[1].values()
+        other_chars = len(text[shift:])
+        assert counts[4] == other_chars, (counts, other_chars)
+
+
 texts = st.text(st.characters(codec="utf-8"), max_size=40)
 parts = st.one_of(
     st.builds(lambda t: {"type": "text", "text": t}, texts),
@@ -827,7 +842,7 @@ def in_string_field(template: bytes, marker: bytes, skip: int, piece: bytes) -> 
     return template.replace(marker, b"x" * skip + piece + b"y" * (skip % 5))
 
 
-@pytest.mark.parametrize("skip", range(18))
+@pytest.mark.parametrize("skip", range(34))  # every place in two 16-byte steps
 def test_strings_read_alike_wherever_an_escape_falls(skip):
     """Requests (the custom_id, a message, an unknown field) and results (the custom_id,
     the answer copied raw, an unknown field) with each piece at each place in a step:

@@ -33,9 +33,8 @@ impl Counts {
                 ..Counts::default()
             };
         }
-        let chars = bytes.iter().filter(|&&b| (b & 0xC0) != 0x80).count() as u64;
         Counts {
-            other_chars: chars,
+            other_chars: code_points(bytes),
             other_bytes: bytes.len() as u64,
             ..Counts::default()
         }
@@ -47,6 +46,22 @@ impl Counts {
         self.other_bytes += other.other_bytes;
         self.images += other.images;
     }
+}
+
+/// The code points of UTF-8 text: its bytes that do not continue a character (as `i8`,
+/// continuation bytes 0x80..=0xBF are -128..=-65). Counted in runs of at most 255 bytes
+/// into a `u8`, which the compiler turns into 16 bytes a step; a `u64` count of
+/// `filter(..).count()` widened every byte to 64 bits and took 2 bytes a step, 8% of the
+/// whole validate-and-shard pass's CPU on multilingual text.
+fn code_points(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks(255)
+        .map(|run| {
+            run.iter()
+                .map(|&b| ((b as i8) >= -0x40) as u8)
+                .fold(0u8, u8::wrapping_add) as u64
+        })
+        .sum()
 }
 
 /// A JSON string's counts, read without keeping it (an escaped one is decoded into
