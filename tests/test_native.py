@@ -842,7 +842,7 @@ def in_string_field(template: bytes, marker: bytes, skip: int, piece: bytes) -> 
     return template.replace(marker, b"x" * skip + piece + b"y" * (skip % 5))
 
 
-@pytest.mark.parametrize("skip", range(34))  # every place in two 16-byte steps
+@pytest.mark.parametrize("skip", range(34))  # every place in four 8-byte (SWAR) steps
 def test_strings_read_alike_wherever_an_escape_falls(skip):
     """Requests (the custom_id, a message, an unknown field) and results (the custom_id,
     the answer copied raw, an unknown field) with each piece at each place in a step:
