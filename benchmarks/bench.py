@@ -39,6 +39,13 @@ peak RSS is the step's own:
      its defaults / 60): status calls and progress updates in the hour, against per-batch
      polling at the 60 s pause (3,000 calls); target <= 120 of each.
 
+Before the steps, the page-cache probe: 600 MiB written into a new file in 1 MiB writes
+after 5 s in which nothing was freed, again at once into the pages just freed, and after 5
+s more in 256 KiB pieces. On this machine (a Firecracker guest whose idle free memory goes
+back to its host) the first took several times the others: a write that covers a whole
+aligned MiB gets a large page-cache folio whose memory the host must bring back. Our steps
+write in pieces (``tasks._lines.write_all``); the plain reads write nothing.
+
 ``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
 ``--in-process`` runs the steps in bench.py's own process (the tests use both, to check the
 benchmark in seconds rather than minutes); its peak RSS figures are not the steps' own.
@@ -257,6 +264,20 @@ class Report:
         )
         for text in self.verdicts:
             print(f"target {text}")
+
+
+def bench_page_cache(work: Path, quick: bool) -> None:
+    """What a write into fresh page-cache pages costs here, by the size of the writes."""
+    mb, idle = (20, 0.5) if quick else (600, 5.0)
+    probe = run_step("page-cache", directory=str(work), mb=mb, idle=idle)
+    fresh, recycled = probe["idle_seconds"], probe["recycled_seconds"]
+    print(
+        f"page cache: {mb} MiB in 1 MiB writes took {fresh:.3f} s after {idle:g} s in which "
+        f"nothing was freed, {recycled:.3f} s into the pages just freed "
+        f"({fresh / recycled:.1f}x); in {probe['piece_bytes'] // 1024} KiB pieces, as our "
+        f"steps write, {probe['pieces_idle_seconds']:.3f} s after {idle:g} s",
+        flush=True,
+    )
 
 
 def bench_shard(
@@ -715,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             + f" in {time.perf_counter() - start:.1f} s",
             flush=True,
         )
+        bench_page_cache(work, args.quick)
         requests = source
         if gen_n != args.n:
             requests = work / f"requests-{args.n}.jsonl"

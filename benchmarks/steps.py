@@ -175,6 +175,31 @@ def _plain_read(paths: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def page_cache_writes(directory: str, mb: int, idle: float) -> dict[str, Any]:
+    """Seconds to write ``mb`` MiB into a new file three times: in 1 MiB writes after
+    ``idle`` s in which nothing was freed; again at once, into the pages the first file (now
+    deleted) gave back; and after ``idle`` s more, in the pieces our steps write
+    (``WRITE_PIECE_BYTES``). See ``tasks._lines.write_all``."""
+    from prefect_kluster.tasks._lines import WRITE_PIECE_BYTES, write_all
+
+    block = os.urandom(1 << 20)
+    path = Path(directory) / "page-cache-probe.bin"
+    figures: dict[str, Any] = {"mb": mb, "idle": idle, "piece_bytes": WRITE_PIECE_BYTES}
+    for name, pause, write in (
+        ("idle_seconds", idle, lambda handle: handle.write(block)),
+        ("recycled_seconds", 0.0, lambda handle: handle.write(block)),
+        ("pieces_idle_seconds", idle, lambda handle: write_all(handle, block)),
+    ):
+        time.sleep(pause)
+        start = time.perf_counter()
+        with open(path, "wb") as handle:
+            for _ in range(mb):
+                write(handle)
+        figures[name] = time.perf_counter() - start
+        path.unlink()
+    return figures
+
+
 # --- (a) validate + shard ---------------------------------------------------------------
 
 
@@ -691,6 +716,7 @@ STEPS = {
     "ours-e2e": ours_e2e,
     "baseline-e2e": baseline_e2e,
     "poll-hour": poll_hour,
+    "page-cache": page_cache_writes,
 }
 
 

@@ -83,6 +83,26 @@ TRANSIENT_CODES = frozenset(
     }
 )
 
+# Large writes go out in pieces of at most this size. A write that covers a whole aligned
+# MiB of a file gets a large page-cache folio, and on a virtual machine that gives free
+# memory left idle back to its host (this one: a Firecracker guest, its balloon reporting
+# free pages) the host must bring such a folio's memory back first. Measured here, 600 MB
+# written after 5 s idle: in 1 MiB writes 1.1-1.5 s, in 256 KiB writes 0.17 s; into pages
+# just freed 0.13 s either way (``make bench`` prints its page-cache probe). Smaller
+# pieces cost nothing measurable where there is no such host.
+WRITE_PIECE_BYTES = 1 << 18
+
+
+def write_all(handle: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to ``handle`` in pieces of at most ``WRITE_PIECE_BYTES``."""
+    if len(data) <= WRITE_PIECE_BYTES:
+        handle.write(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_PIECE_BYTES):
+        handle.write(view[start : start + WRITE_PIECE_BYTES])
+
+
 # Lines are read, checked and handed out a block at a time. Measured here: request blocks
 # of 2 MB shard faster than 1 or 4 MB (and peak RSS is 45 MB lower than with 4 MB); result
 # blocks of 4 MB join faster than smaller ones.
@@ -773,7 +793,7 @@ def serve(config_json: str) -> None:
                 else:
                     block = JoinedBlock(lines)
                     reply = block.pack()
-                    scratch.write(block.data)
+                    write_all(scratch, block.data)
                     scratch.flush()  # on disk before the caller hears of it
             except Exception:
                 out.write(struct.pack("<q", -1))

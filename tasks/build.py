@@ -129,8 +129,8 @@ class _ShardFiles:
     def write(self, data: bytes, ids: bytes) -> None:
         assert self.file is not None and self.ids is not None
         self.hash.update(data)
-        self.file.write(data)
-        self.ids.write(ids)
+        line_work.write_all(self.file, data)
+        line_work.write_all(self.ids, ids)
 
     def close(self, index: int, lines: int, size: int, first_line: int) -> None:
         assert self.file is not None and self.ids is not None

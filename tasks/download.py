@@ -7,6 +7,7 @@ from prefect.logging import get_run_logger
 
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks import storage
+from prefect_kluster.tasks._lines import write_all
 from prefect_kluster.tasks.retry import RETRY_OPTIONS
 from prefect_kluster.tasks.types import BatchInfo
 
@@ -24,7 +25,7 @@ def stream_file_to(credentials: KlusterCredentials, file_id: str, path: str) -> 
         with client.files.with_streaming_response.content(file_id) as response:
             with storage.published(str(path)) as handle:
                 for chunk in response.iter_bytes(CHUNK_BYTES):
-                    handle.write(chunk)
+                    write_all(handle, chunk)
                     written += len(chunk)
     return written
 

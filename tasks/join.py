@@ -815,7 +815,7 @@ class _Writer:
 
     def _write(self, pieces: list[bytes | memoryview]) -> None:
         for piece in pieces:
-            self._handle.write(piece)
+            line_work.write_all(self._handle, piece)
 
     def close(self) -> None:
         """Wait for every write; then the file can be closed."""

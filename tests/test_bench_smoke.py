@@ -103,6 +103,15 @@ def test_bench_prints_every_figure(tmp_path):
     assert re.search(r"target e2e in parts [\d.]+x the guide's way part by part >= 3x", out)
     assert re.search(r"the guide's way: [2-9] part\(s\), one after the other", out)
     assert out.count("MB/s") >= 7 and "peak RSS" in out
+    # The page-cache probe: the three writes timed.
+    probe = re.search(
+        r"page cache: 20 MiB in 1 MiB writes took ([\d.]+) s after 0\.5 s in which nothing "
+        r"was freed, ([\d.]+) s into the pages just freed \([\d.]+x\); in 256 KiB pieces, "
+        r"as our steps write, ([\d.]+) s after 0\.5 s",
+        out,
+    )
+    assert probe, out[:2000]
+    assert all(float(seconds) > 0 for seconds in probe.groups())
     # The real-world data has the shapes it claims.
     data = (tmp_path / "work" / "real-requests.jsonl").read_bytes()
     lines = data.split(b"\n")[:-1]
