@@ -15,7 +15,8 @@ peak RSS is the step's own:
      ``join_result_files`` vs. whole files in memory, a dict by custom_id, ``json.dumps``;
   c. the flow on E2E-N requests against the in-process emulator vs. the guide's script
      (upload, create, poll every 0.2 s, ``.content``) through the openai SDK, beside the
-     emulator's own validation and processing time;
+     emulator's own validation and processing time and where each side's time went (the
+     guide's steps; the flow's task runs as the Prefect server recorded them);
   c2. the flow on the N requests (338 MB at 1M: past the 100 MB limit) in shards of at most
      99 MB, against the guide's script applied to each part of the file in turn (cut at line
      ends, the cut timed); the emulator paces each batch at 2,500 lines/s and runs batches
@@ -443,10 +444,23 @@ def bench_e2e(report: Report, work: Path, source: Path, n: int, pairs: int) -> N
         f"{base['seconds'] - emu_base:.2f} s",
         flush=True,
     )
+    print_timelines(base, ours)
     report.verdict(
         f"e2e flow {vs_guide:.2f}x the guide's script (same run) >= "
         f"{TARGETS['e2e_vs_guide']:.1f}x: {check(vs_guide >= TARGETS['e2e_vs_guide'])}"
     )
+
+
+def print_timelines(base: dict[str, Any], ours: dict[str, Any]) -> None:
+    """Where each side's time goes: the guide's steps (when each ended), and the flow's task
+    runs as the Prefect server recorded them (when each started and ended)."""
+    steps = ", ".join(f"{step} {end:.2f}" for step, end in base.get("timeline", []))
+    print(f"  the guide's script, s from its start to the end of each step: {steps}")
+    runs = ", ".join(
+        f"{name} {start:.2f}" if start == end else f"{name} {start:.2f}-{end:.2f}"
+        for name, start, end in ours.get("timeline", [])
+    )
+    print(f"  the flow's task runs (Prefect's records), s from the call: {runs}", flush=True)
 
 
 def bench_e2e_parts(report: Report, work: Path, source: Path, n: int, quick: bool) -> None:

@@ -468,6 +468,45 @@ def prefect_backend() -> Any:
     return prefect_test_harness(server_startup_timeout=120)
 
 
+def _task_runs(flow_run_id: Any, called_at: float) -> list[list[Any]]:
+    """[name, start, end] of the flow run's task runs and the run's own end, in seconds
+    from ``called_at`` (the wall clock when the flow was called), as the Prefect server
+    recorded them. It records task runs from their events, a moment after they happen: read
+    until the join's task run (a completed run's last) is there, every one has ended and a
+    second read finds no other (15 s at most)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs: list[Any] = []
+    seen: set[Any] = set()
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 15.0
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=this_run)
+            ids = {r.id for r in runs}
+            done = all(r.start_time and r.end_time for r in runs)
+            if done and ids == seen and any(r.name.startswith("join-round") for r in runs):
+                break
+            seen = ids
+            time.sleep(0.3)
+        flow_run = client.read_flow_run(flow_run_id)
+    rows = [
+        [
+            r.name.rsplit("-", 1)[0],
+            r.start_time.timestamp() - called_at,
+            r.end_time.timestamp() - called_at,
+        ]
+        for r in runs
+        if r.start_time and r.end_time
+    ]
+    rows.sort(key=lambda row: row[1])
+    if flow_run.end_time is not None:
+        end = flow_run.end_time.timestamp() - called_at
+        rows.append(["flow run end", end, end])
+    return rows
+
+
 def ours_e2e(
     source: str,
     output: str,
@@ -498,16 +537,20 @@ def ours_e2e(
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         warm_up()  # the temporary Prefect server and the flow machinery, before timing
         with HelperWatch() as watch:
+            called_at = time.time()
             start = Clock()
-            result = batch_inference(
+            state = batch_inference(
                 input_path=source,
                 output_path=output,
                 output={"overwrite": True},
                 run={"poll_interval": 0.2},
                 limits=limits,
+                return_state=True,
             )
             seconds = start.stop()
+        result = state.result()
         figures = _emulator_figures(emu, validation)
+        timeline = _task_runs(state.state_details.flow_run_id, called_at)
     return _result(
         seconds,
         start,
@@ -515,6 +558,7 @@ def ours_e2e(
         status=result.status,
         requests=result.summary.requests,
         succeeded=result.summary.succeeded,
+        timeline=timeline,
         **figures,
     )
 
@@ -541,21 +585,29 @@ def split_parts(source: str, part_bytes: int, out_dir: Path) -> list[Path]:
     return parts
 
 
-def _guide_script(client: Any, path: Path) -> tuple[str, int]:
-    """The guide's script on one file: upload, create, poll every 0.2 s, ``.content``."""
+def _guide_script(
+    client: Any, path: Path, marks: list[tuple[str, float]] | None = None
+) -> tuple[str, int]:
+    """The guide's script on one file: upload, create, poll every 0.2 s, ``.content``.
+    ``marks`` gets (step, perf_counter at its end) for each step."""
+    marks = [] if marks is None else marks
     with open(path, "rb") as handle:
         batch_input_file = client.files.create(file=handle, purpose="batch")
+    marks.append(("upload", time.perf_counter()))
     batch_request = client.batches.create(
         input_file_id=batch_input_file.id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
+    marks.append(("create", time.perf_counter()))
     while True:
         batch_status = client.batches.retrieve(batch_request.id)
         if batch_status.status.lower() in ["completed", "failed", "cancelled"]:
             break
         time.sleep(0.2)
+    marks.append(("poll until done", time.perf_counter()))
     results = client.files.content(batch_status.output_file_id).content
+    marks.append(("download (.content)", time.perf_counter()))
     return batch_status.status, len(results)
 
 
@@ -575,12 +627,15 @@ def baseline_e2e(
     try:
         with _timed_emulator_validation() as validation, run_emulator(config) as emu:
             start = Clock()
+            began = time.perf_counter()
             # The script's own client, timed as the flow's is (its TLS context: 40-55 ms here)
             client = OpenAI(base_url=emu.base_url, api_key="emulator-key")
+            marks = [("client", time.perf_counter())]
             parts = [Path(source)]
             if part_bytes is not None:
                 parts = split_parts(source, part_bytes, scratch)
-            runs = [_guide_script(client, part) for part in parts]
+                marks.append(("cut", time.perf_counter()))
+            runs = [_guide_script(client, part, marks) for part in parts]
             seconds = start.stop()
             figures = _emulator_figures(emu, validation)
     finally:
@@ -592,6 +647,7 @@ def baseline_e2e(
         status=status,
         parts=len(parts),
         result_bytes=sum(n for _, n in runs),
+        timeline=[[step, at - began] for step, at in marks],
         **figures,
     )
 

@@ -103,6 +103,32 @@ def test_bench_prints_every_figure(tmp_path):
     assert re.search(r"target e2e in parts [\d.]+x the guide's way part by part >= 3x", out)
     assert re.search(r"the guide's way: [2-9] part\(s\), one after the other", out)
     assert out.count("MB/s") >= 7 and "peak RSS" in out
+    # (c)'s timelines: the guide's steps, and the flow's task runs as Prefect recorded them,
+    # in the lifecycle's order (each step starts after the one it waits on has ended).
+    assert re.search(
+        r"the guide's script, s from its start to the end of each step: client [\d.]+, upload "
+        r"[\d.]+, create [\d.]+, poll until done [\d.]+, download \(\.content\) [\d.]+",
+        out,
+    )
+    flow_line = next(line for line in out.splitlines() if "the flow's task runs" in line)
+    runs = {
+        name: (float(start), float(end or start))
+        for name, start, end in re.findall(
+            r"([a-z][a-z -]+?) ([\d.]+)(?:-([\d.]+))?(?:,|$)", flow_line
+        )
+    }
+    lifecycle = [
+        "validate-shard-and-estimate",
+        "upload-shard",
+        "submit-shard",
+        "wait-for-batch",
+        "download-batch-results",
+        "join-round",
+        "flow run end",
+    ]
+    assert set(lifecycle) <= set(runs), flow_line
+    for before, after in zip(lifecycle, lifecycle[1:], strict=False):
+        assert runs[before][1] <= runs[after][0], (before, after, flow_line)
     # The page-cache probe: the three writes timed.
     probe = re.search(
         r"page cache: 20 MiB in 1 MiB writes took ([\d.]+) s after 0\.5 s in which nothing "
