@@ -87,7 +87,7 @@ TRANSIENT_CODES = frozenset(
 # MiB of a file gets a large page-cache folio, and on a virtual machine that gives free
 # memory left idle back to its host (this one: a Firecracker guest, its balloon reporting
 # free pages) the host must bring such a folio's memory back first. Measured here, 600 MB
-# written after 5 s idle: in 1 MiB writes 1.1-1.5 s, in 256 KiB writes 0.17 s; into pages
+# written after 5 s idle: in 1 MiB writes 0.65-1.5 s, in 256 KiB writes 0.14-0.17 s; into pages
 # just freed 0.13 s either way (``make bench`` prints its page-cache probe). Smaller
 # pieces cost nothing measurable where there is no such host.
 WRITE_PIECE_BYTES = 1 << 18
