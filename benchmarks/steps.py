@@ -184,7 +184,7 @@ def page_cache_writes(directory: str, mb: int, idle: float) -> dict[str, Any]:
 
     block = os.urandom(1 << 20)
     path = Path(directory) / "page-cache-probe.bin"
-    figures: dict[str, Any] = {"mb": mb, "idle": idle, "piece_bytes": WRITE_PIECE_BYTES}
+    figures: dict[str, Any] = {"piece_bytes": WRITE_PIECE_BYTES}
     for name, pause, write in (
         ("idle_seconds", idle, lambda handle: handle.write(block)),
         ("recycled_seconds", 0.0, lambda handle: handle.write(block)),
@@ -585,12 +585,9 @@ def split_parts(source: str, part_bytes: int, out_dir: Path) -> list[Path]:
     return parts
 
 
-def _guide_script(
-    client: Any, path: Path, marks: list[tuple[str, float]] | None = None
-) -> tuple[str, int]:
+def _guide_script(client: Any, path: Path, marks: list[tuple[str, float]]) -> tuple[str, int]:
     """The guide's script on one file: upload, create, poll every 0.2 s, ``.content``.
     ``marks`` gets (step, perf_counter at its end) for each step."""
-    marks = [] if marks is None else marks
     with open(path, "rb") as handle:
         batch_input_file = client.files.create(file=handle, purpose="batch")
     marks.append(("upload", time.perf_counter()))
