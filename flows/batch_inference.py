@@ -15,6 +15,7 @@ if __name__ == "__main__":  # the command line checks what it can before importi
 
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -257,23 +258,28 @@ def batch_inference(
         allowed,
         windows,
     )
-    reports = [_beside(publish_cost_estimate, estimate)]
-    check_budget(estimate, limits.max_cost, run.completion_window)  # refused before paying
-    if run.estimate_only:
-        logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
-        _reported(reports)
-        return _estimate_result(estimate, output_path, work)
-    reservation = _reserve_budget(work, estimate.upper_usd(run.completion_window), output_path)
-    total_lines = sum(s.lines for s in shards)
-    progress = _beside(create_batch_progress, total_lines)
-    reports.append(progress)
+    opening = _OpeningReports(estimate, sum(s.lines for s in shards))
+    reports = opening.futures
+    try:
+        check_budget(estimate, limits.max_cost, run.completion_window)  # refused before paying
+        if run.estimate_only:
+            logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
+            _reported(reports())
+            return _estimate_result(estimate, output_path, work)
+        upper = estimate.upper_usd(run.completion_window)
+        reservation = _reserve_budget(work, upper, output_path)
+    except BaseException:
+        _reported(reports())
+        raise
 
     def show_progress(board: dict[str, BatchInfo]) -> None:
         counts = summed_counts(board.values())
-        update_batch_progress(progress.result(), counts.completed + counts.failed, counts.total)
+        progress = opening.progress().result()
+        update_batch_progress(progress, counts.completed + counts.failed, counts.total)
 
     watch_progress(show_progress)
-    known = existing.result() if existing is not None else []
+    if limits.distribute is not None:
+        reports()  # child runs take the shards: no claim of this process to make way for
     journal = Journal(state.state_dir)
     all_results: list[ShardResult] = []
     result_files: list[str] = []
@@ -281,15 +287,17 @@ def batch_inference(
     # upload -> submit -> wait -> download, round after round of failed lines; not
     # waiting, the same path stops at the first round with batches still running.
     try:
+        known = existing.result() if existing is not None else []
         while True:
             finished, running, queued = fanout.run_round(
                 state, round_shards, round_no, known, credentials_block
             )  # limits.distribute: the round's shard groups run as child flow runs
+            reports()  # sent by now, even if no batch was polled (a rerun found them ended)
             seen = {b.id for b in known}
             known = known + [r.batch for r in finished if r.batch.id not in seen]
             known = known + [b for b in running if b.id not in seen]
             if running or queued:
-                _reported(reports)
+                _reported(reports())
                 pending = _pending_result(
                     state, output_path, credentials_block, input_path, source, requests,
                     output, limits, running, finished, queued, round_no,
@@ -316,7 +324,7 @@ def batch_inference(
                     credentials, since=journal.first_intent_time_any()
                 )
     except BatchWaitTimeout as exc:
-        _reported(reports)
+        _reported(reports())
         _release_budget(work, reservation)
         cancelled = cancel_running_batches(credentials, journal.batch_ids())
         raise BatchRunError(
@@ -325,7 +333,7 @@ def batch_inference(
             "batch(es). Rerun with the same inputs to collect what finished."
         ) from exc
     except BaseException:
-        _reported(reports)
+        _reported(reports())
         _release_budget(work, reservation)
         raise
     finally:
@@ -363,19 +371,18 @@ def batch_inference(
         cost_usd=cost.total_usd,
         cost=cost,
     )
-    reports.append(
-        _beside(update_batch_progress, progress.result(), summary.requests, summary.requests)
-    )
+    done = opening.progress().result()
+    closing = [_beside(update_batch_progress, done, summary.requests, summary.requests)]
     cost_rows = [
         ("Estimated cost", estimate.summary_line(run.completion_window)),
         ("Actual cost", f"{format_usd(cost.total_usd)} ({cost.window}; {cost.price_source})"),
     ]
-    reports.append(
+    closing.append(
         _beside(publish_run_summary, batches, summary, result.status, extra_rows=cost_rows)
     )
     emit_run_cost(estimate, cost, output_path)
     unregister_pending(work)
-    _reported(reports)
+    _reported(reports() + closing)
     logger.info(
         "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
         "completion tokens; cost %s (estimated %s); results in %s",
@@ -416,6 +423,37 @@ def _beside(report: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any
     """Start ``report`` in a reporting thread, in this run's context (its artifacts are
     the run's)."""
     return _REPORTING.submit(contextvars.copy_context().run, report, *args, **kwargs)
+
+
+class _OpeningReports:
+    """The cost estimate and the progress artifact of a run, sent to the Prefect server when
+    the run first shows progress (its first batch is made and polled), its first round
+    ends, or it stops, whichever comes first (at once when child runs take the shards).
+    Sent as soon as the estimate was made, their round trips met the first shard's claim
+    on the same server and held it up (0.05-0.1 s of the run's critical path here); a
+    batch job loses nothing by showing them a moment later."""
+
+    def __init__(self, estimate: CostEstimate, total_lines: int):
+        self._estimate = estimate
+        self._total_lines = total_lines
+        self._context = contextvars.copy_context()  # the run's: its artifacts are the run's
+        self._lock = threading.Lock()
+        self._sent: list[Future[Any]] = []
+
+    def futures(self) -> list[Future[Any]]:
+        """Both reports, sent now if they were not yet."""
+        with self._lock:
+            if not self._sent:
+                for report, arg in (
+                    (publish_cost_estimate, self._estimate),
+                    (create_batch_progress, self._total_lines),
+                ):
+                    self._sent.append(_REPORTING.submit(self._context.copy().run, report, arg))
+            return list(self._sent)
+
+    def progress(self) -> Future[Any]:
+        """The progress artifact's id (a future)."""
+        return self.futures()[1]
 
 
 def _reported(reports: list[Future[Any]]) -> None:

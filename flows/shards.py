@@ -8,12 +8,13 @@ run's state in its work directory, so any worker can take over.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
@@ -32,10 +33,10 @@ from prefect_kluster.tasks.types import BatchInfo, Shard
 from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
 from prefect_kluster.tasks.wait import stop_waiting, wait_for_batch
 
-# A shard in flight holds up to five task threads (upload, submit, clean-up, wait, download:
-# a task waits for its inputs in its own thread), so the flows' task runners are sized for
-# MAX_CONCURRENCY shards; threads are started only as they are needed.
-TASK_THREADS = 5 * MAX_CONCURRENCY + 16
+# A shard in flight holds a thread for its steps and one of the task runner's for its
+# clean-up; both pools are sized for MAX_CONCURRENCY shards and the downloads of batches a
+# rerun finds ended. Threads are started only as they are needed.
+TASK_THREADS = 2 * MAX_CONCURRENCY + 16
 
 
 class ShardResult(BaseModel):
@@ -102,67 +103,54 @@ def _run_shards(
     left running, and a shard with no batch is submitted while a slot is free. Returns the
     results of the finished shards, the batches left running, and how many shards still
     wait for a slot."""
-    wait = run.run.wait
     results_dir = storage.join(run.work, f"round-{round_no}", "results")
     results: dict[int, ShardResult] = {}
-    # download -> shard, the steps before it (a batch that exists, or futures), holds a slot
-    in_flight: dict[Any, tuple[Shard, tuple[Any, ...], bool]] = {}
+    # a shard's steps -> the shard, and whether they hold a slot (a download alone does not)
+    in_flight: dict[Future[_Taken], tuple[Shard, bool]] = {}
     left_running: list[BatchInfo] = []
     todo: list[tuple[Shard, BatchInfo | None]] = []
     cleanups: list[Any] = []
+    # Each shard's steps run one after the other in a thread of their own, each step called
+    # with the one before's result, not its future: Prefect reads an unfinished future's
+    # state from the server for every task it is passed to (four reads a shard, at the
+    # moment its claim is taken on the same server).
+    steps = ThreadPoolExecutor(max_workers=TASK_THREADS, thread_name_prefix="kluster-shard")
+
+    def start(fn: Any, *args: Any) -> Future[_Taken]:
+        return steps.submit(contextvars.copy_context().run, fn, *args)
+
     for shard in shards:
         existing = run.known_batch(shard, round_no, known)
         if existing is not None and existing.is_terminal:  # ended: download, no slot needed
-            downloaded = download_batch_results.submit(run.credentials, existing, results_dir)
-            in_flight[downloaded] = (shard, (existing,), False)
-        elif existing is not None and not wait:
+            in_flight[start(_download, run, existing, results_dir)] = (shard, False)
+        elif existing is not None and not run.run.wait:
             left_running.append(existing)
         else:
             todo.append((shard, existing))
     slots = max(1, run.limits.max_concurrency) - len(left_running)
     holding = 0
-    submitting: list[Any] = []  # not waiting: batches being made, each keeps its slot
-    while todo or in_flight:
-        while todo and holding < slots:
-            shard, existing = todo.pop(0)
-            identity = shard_identity(shard, round_no, run.nonce)
-            uploaded = upload_shard.submit(
-                run.credentials, shard, identity, run.state_dir, existing, run.started
-            )
-            submitted = submit_shard.submit(
-                run.credentials, uploaded, run.state_dir, run.run.completion_window,
-                run.run.metadata,
-            )  # fmt: skip
-            cleanups.append(
-                clean_up_uploads.submit(
-                    run.credentials, shard, submitted, run.state_dir, identity_key(identity)
-                )
-            )
-            if not wait:  # the batch keeps its slot until a collection finds it ended
-                submitting.append(submitted)
+    try:
+        while todo or in_flight:
+            while todo and holding < slots:
+                shard, existing = todo.pop(0)
+                taken = start(_take_shard, run, shard, existing, round_no, results_dir, cleanups)
+                in_flight[taken] = (shard, True)
+                holding += 1
+            if not in_flight:
+                break
+            done = next(as_completed(in_flight))
+            shard, held = in_flight.pop(done)
+            holding -= held
+            batch, files = done.result()  # raises why the shard stopped, if it did
+            if files is None:  # not waiting: the batch keeps its slot until collected
+                left_running.append(batch)
                 slots -= 1
                 continue
-            finished = wait_for_batch.submit(
-                run.credentials,
-                submitted,
-                run.run.poll_interval,
-                run.remaining(),
-                run.run.max_poll_interval,
+            results[shard.index] = ShardResult(
+                round=round_no, shard=shard, batch=batch, output_file=files[0], error_file=files[1]
             )
-            downloaded = download_batch_results.submit(run.credentials, finished, results_dir)
-            in_flight[downloaded] = (shard, (uploaded, submitted, finished), True)
-            holding += 1
-        if not in_flight:
-            break
-        done = next(as_completed(list(in_flight)))
-        shard, steps, held = in_flight.pop(done)
-        holding -= held
-        batch = _first_failure_or_last(steps)  # raises why the shard stopped, if it did
-        output_file, error_file = done.result()
-        results[shard.index] = ShardResult(
-            round=round_no, shard=shard, batch=batch, output_file=output_file, error_file=error_file
-        )
-    left_running += [future.result() for future in submitting]
+    finally:
+        steps.shutdown(wait=False, cancel_futures=True)
     for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
         try:
             failed = isinstance(cleaned.result(raise_on_failure=False), BaseException)
@@ -173,18 +161,39 @@ def _run_shards(
     return [results[s.index] for s in shards if s.index in results], left_running, len(todo)
 
 
-def _first_failure_or_last(steps: tuple[Any, ...]) -> BatchInfo:
-    """The batch a shard's steps ended with, or the error of the first step that failed (a
-    step after a failed one never runs, and its own state says only that)."""
-    for step in steps:
-        if isinstance(step, BatchInfo):
-            continue
-        state = step.state
-        if state.is_failed() or state.is_crashed() or state.is_cancelled():
-            error = step.result(raise_on_failure=False)
-            raise error if isinstance(error, BaseException) else RuntimeError(str(state))
-    last = steps[-1]
-    return last if isinstance(last, BatchInfo) else last.result()
+# A shard's batch, and its (output, error) files once downloaded; None: left running.
+_Taken = tuple[BatchInfo, tuple[str | None, str | None] | None]
+
+
+def _take_shard(
+    run: ShardRun,
+    shard: Shard,
+    existing: BatchInfo | None,
+    round_no: int,
+    results_dir: str,
+    cleanups: list[Any],
+) -> _Taken:
+    """One shard's lifecycle: upload -> submit (-> wait -> download, when waiting)."""
+    identity = shard_identity(shard, round_no, run.nonce)
+    uploaded = upload_shard(run.credentials, shard, identity, run.state_dir, existing, run.started)
+    batch = submit_shard(
+        run.credentials, uploaded, run.state_dir, run.run.completion_window, run.run.metadata
+    )
+    cleanups.append(
+        clean_up_uploads.submit(
+            run.credentials, shard, batch, run.state_dir, identity_key(identity)
+        )
+    )
+    if not run.run.wait:
+        return batch, None
+    finished = wait_for_batch(
+        run.credentials, batch, run.run.poll_interval, run.remaining(), run.run.max_poll_interval
+    )
+    return _download(run, finished, results_dir)
+
+
+def _download(run: ShardRun, batch: BatchInfo, results_dir: str) -> _Taken:
+    return batch, download_batch_results(run.credentials, batch, results_dir)
 
 
 def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:
