@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -73,6 +74,38 @@ def test_multi_shard_run_with_concurrency_cap(tmp_path, kluster_env):
     assert len(stats["batches"]) == 5
     metas = {b["id"] for b in stats["batches"]}
     assert metas == set(result.batch_ids)
+
+
+def test_shards_send_the_prefect_server_no_task_run_reads_and_claim_first(
+    tmp_path, kluster_env, monkeypatch
+):
+    """Each shard's steps get the step before's result, not its future (Prefect reads an
+    unfinished future's task run from the server for every task it is passed to), and the
+    run's opening artifacts go to the server after the first shard's claim, not beside it."""
+    sent: list[tuple[str, str]] = []
+    send = httpx.Client.send
+
+    def recording(self, request, *args, **kwargs):
+        sent.append((request.method, request.url.path))
+        return send(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recording)
+    rows = requests(12)
+    result = batch_inference(
+        input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),
+        output_path=str(tmp_path / "out.jsonl"),
+        limits={"max_requests_per_file": 4},
+        run={"poll_interval": 0.05},
+    )
+    assert result.status == "completed" and len(result.batch_ids) == 3
+    assert [r["custom_id"] for r in read_jsonl(result.output_path)] == [
+        r["custom_id"] for r in rows
+    ]
+    assert [p for m, p in sent if m == "GET" and "/task_runs/" in p] == []
+    claims = [i for i, (m, p) in enumerate(sent) if m == "POST" and p.endswith("/variables/")]
+    artifacts = [i for i, (m, p) in enumerate(sent) if m == "POST" and p.endswith("/artifacts/")]
+    assert len(claims) == 3 and len(artifacts) >= 3  # estimate, progress, summary (+ table)
+    assert claims[0] < artifacts[0]
 
 
 def test_prompts_with_a_model(tmp_path, kluster_env):
