@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+from typing import Any
 
 import httpx
 from openai import DefaultHttpxClient, OpenAI
@@ -75,8 +76,28 @@ class KlusterCredentials(CredentialsBlock):
             base_url=self.base_url,
             timeout=self.timeout,
             max_retries=self.max_retries,
-            http_client=DefaultHttpxClient(verify=tls_context()),
+            http_client=_KeyForgettingHttpxClient(verify=tls_context()),
         )
+
+
+class _KeyForgettingHttpxClient(DefaultHttpxClient):  # type: ignore[misc,valid-type]
+    """openai's default HTTP client, but each request forgets its Authorization header once
+    it has been sent. The SDK's errors keep the request (``exc.request``,
+    ``exc.response.request``), and Prefect persists a failed task's exception, pickled with
+    every header, in its result storage (local files, or a bucket shared by workers)."""
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        try:
+            response = super().send(request, **kwargs)
+        finally:
+            _forget_key(request)
+        for sent in (response.request, *(r.request for r in response.history)):
+            _forget_key(sent)
+        return response
+
+
+def _forget_key(request: Any) -> None:
+    request.headers.pop("authorization", None)
 
 
 @functools.cache

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import pickle
+import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -62,7 +67,26 @@ def _prefect_api_dump() -> dict[str, str]:
     return dumped
 
 
+def _stored_since(started: float) -> dict[str, bytes]:
+    """What Prefect wrote to its local result storage since ``started``: a failed task's
+    exception is persisted there (pickled, and base64-encoded), decoded where it decodes."""
+    from prefect.settings import get_current_settings
+
+    root = Path(get_current_settings().results.local_storage_path)
+    stored = {}
+    for path in root.glob("*") if root.is_dir() else []:
+        if path.is_file() and path.stat().st_mtime >= started:
+            raw = path.read_bytes()
+            try:
+                raw += base64.b64decode(raw, validate=False)
+            except (binascii.Error, ValueError):
+                pass
+            stored[str(path)] = raw
+    return stored
+
+
 def test_key_appears_nowhere(tmp_path, emulator, monkeypatch, caplog):
+    started = time.time() - 1
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx", "httpcore", "prefect"):
         logging.getLogger(name).setLevel(logging.DEBUG)
@@ -105,6 +129,13 @@ def test_key_appears_nowhere(tmp_path, emulator, monkeypatch, caplog):
         assert_no_secret(str(exc), "an exception message")
         assert_no_secret(repr(exc), "an exception repr")
         assert_no_secret(str(getattr(exc, "body", "")), "an exception body")
+        # the request it keeps (headers and all) goes wherever the exception is pickled
+        assert_no_secret(pickle.dumps(exc).decode("latin-1"), "a pickled exception")
+    stored = _stored_since(started)
+    failures = [raw for raw in stored.values() if b"openai" in raw and b"Error" in raw]
+    assert failures, "the failed task runs' exceptions are in Prefect's result storage"
+    for path, raw in stored.items():
+        assert_no_secret(raw.decode("latin-1"), f"Prefect's result storage ({path})")
     assert caplog.records
     for record in caplog.records:
         assert_no_secret(record.getMessage(), f"log record {record.name}")
