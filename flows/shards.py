@@ -31,7 +31,12 @@ from prefect_kluster.tasks.submit import (
 )
 from prefect_kluster.tasks.types import BatchInfo, Shard
 from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
-from prefect_kluster.tasks.wait import stop_waiting, wait_for_batch
+from prefect_kluster.tasks.wait import (
+    BatchWaitAborted,
+    run_is_ending,
+    stop_waiting,
+    wait_for_batch,
+)
 
 # A shard in flight holds a thread for its steps and one of the task runner's for its
 # clean-up; both pools are sized for MAX_CONCURRENCY shards and the downloads of batches a
@@ -149,8 +154,13 @@ def _run_shards(
             results[shard.index] = ShardResult(
                 round=round_no, shard=shard, batch=batch, output_file=files[0], error_file=files[1]
             )
-    finally:
-        steps.shutdown(wait=False, cancel_futures=True)
+    except BaseException:
+        # The waits end now and no other shard pays for a batch (``_take_shard``); what
+        # the steps were doing ends before the run does, as Prefect's task runner would.
+        stop_waiting()
+        steps.shutdown(wait=True, cancel_futures=True)
+        raise
+    steps.shutdown(wait=False)
     for cleaned in cleanups:  # unused uploads are tidied, but never fail the run
         try:
             failed = isinstance(cleaned.result(raise_on_failure=False), BaseException)
@@ -176,6 +186,10 @@ def _take_shard(
     """One shard's lifecycle: upload -> submit (-> wait -> download, when waiting)."""
     identity = shard_identity(shard, round_no, run.nonce)
     uploaded = upload_shard(run.credentials, shard, identity, run.state_dir, existing, run.started)
+    if run_is_ending():  # another shard failed, or the run was cancelled, meanwhile
+        if uploaded.batch is None:
+            claims.release(uploaded.key)  # taken by upload_shard, for the submit
+        raise BatchWaitAborted(f"shard {shard.index} not submitted: the run is ending")
     batch = submit_shard(
         run.credentials, uploaded, run.state_dir, run.run.completion_window, run.run.metadata
     )

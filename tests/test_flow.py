@@ -108,6 +108,38 @@ def test_shards_send_the_prefect_server_no_task_run_reads_and_claim_first(
     assert claims[0] < artifacts[0]
 
 
+def test_a_shard_uploaded_as_the_run_ends_is_not_submitted(tmp_path, kluster_env, monkeypatch):
+    """Another shard failed, or the run was cancelled, while this one uploaded: it pays
+    for no batch, and the claim its upload took is given back."""
+    from prefect import task
+    from prefect.client.orchestration import get_client
+
+    from prefect_kluster.flows import shards as shard_steps
+    from prefect_kluster.tasks.wait import BatchWaitAborted, stop_waiting
+
+    upload = shard_steps.upload_shard
+
+    @task(name="upload-shard")
+    def upload_as_the_run_ends(*args, **kwargs):
+        uploaded = upload.fn(*args, **kwargs)
+        stop_waiting()  # what the run does when it starts to end
+        return uploaded
+
+    monkeypatch.setattr(shard_steps, "upload_shard", upload_as_the_run_ends)
+    with pytest.raises(BatchWaitAborted, match="shard 0 not submitted"):
+        batch_inference(
+            input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(6))),
+            output_path=str(tmp_path / "out.jsonl"),
+            limits={"max_requests_per_file": 3, "max_concurrency": 1},
+            run={"poll_interval": 0.05},
+        )
+    stats = kluster_env.stats()
+    assert stats["files"] == 1 and stats["batches"] == []
+    with get_client(sync_client=True) as client:
+        names = [v.name for v in client.read_variables()]
+    assert [n for n in names if n.startswith("kluster_claim_")] == []
+
+
 def test_prompts_with_a_model(tmp_path, kluster_env):
     result = batch_inference(
         output_path=str(tmp_path / "o.jsonl"),
