@@ -20,6 +20,7 @@ from prefect_kluster.flows import batch_inference, cancel_batch_flow, list_model
 from prefect_kluster.tasks import cancel_batch
 from tests.conftest import TEST_API_KEY
 from tests.helpers import requests
+from tests.server import drain_events
 
 
 @flow
@@ -38,7 +39,13 @@ def assert_no_secret(text: str, where: str) -> None:
 def _prefect_api_dump() -> dict[str, str]:
     """Everything the Prefect server stored: flow/task runs, logs, artifacts, events."""
     from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL
+
+    # Logs and events reach the server in batches (logs every 2 s): send what is queued
+    # first, or a quick test reads the server before its runs' logs are there.
+    APILogWorker.drain_all(timeout=10)
+    drain_events()
 
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(limit=200)
