@@ -90,11 +90,7 @@ def run_shards(
     them before this returns. If it ends early (cancelled, or a shard failed), the threads
     still waiting on batches stop, so they do not hold the run's process open."""
     with claims.releasing_in_background():
-        try:
-            return _run_shards(run, shards, round_no, known)
-        except BaseException:
-            stop_waiting()  # before the releases are waited for, not after
-            raise
+        return _run_shards(run, shards, round_no, known)
 
 
 def _run_shards(
@@ -124,17 +120,17 @@ def _run_shards(
     def start(fn: Any, *args: Any) -> Future[_Taken]:
         return steps.submit(contextvars.copy_context().run, fn, *args)
 
-    for shard in shards:
-        existing = run.known_batch(shard, round_no, known)
-        if existing is not None and existing.is_terminal:  # ended: download, no slot needed
-            in_flight[start(_download, run, existing, results_dir)] = (shard, False)
-        elif existing is not None and not run.run.wait:
-            left_running.append(existing)
-        else:
-            todo.append((shard, existing))
-    slots = max(1, run.limits.max_concurrency) - len(left_running)
-    holding = 0
     try:
+        for shard in shards:
+            existing = run.known_batch(shard, round_no, known)
+            if existing is not None and existing.is_terminal:  # ended: download, no slot
+                in_flight[start(_download, run, existing, results_dir)] = (shard, False)
+            elif existing is not None and not run.run.wait:
+                left_running.append(existing)
+            else:
+                todo.append((shard, existing))
+        slots = max(1, run.limits.max_concurrency) - len(left_running)
+        holding = 0
         while todo or in_flight:
             while todo and holding < slots:
                 shard, existing = todo.pop(0)
@@ -155,8 +151,9 @@ def _run_shards(
                 round=round_no, shard=shard, batch=batch, output_file=files[0], error_file=files[1]
             )
     except BaseException:
-        # The waits end now and no other shard pays for a batch (``_take_shard``); what
-        # the steps were doing ends before the run does, as Prefect's task runner would.
+        # The waits end now (before the claims' releases are waited for, not after) and no
+        # other shard pays for a batch (``_take_shard``); what the steps were doing ends
+        # before the run does, as Prefect's task runner would.
         stop_waiting()
         steps.shutdown(wait=True, cancel_futures=True)
         raise
