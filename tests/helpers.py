@@ -77,3 +77,19 @@ def without_native(monkeypatch: Any) -> None:
         "native_gather_lines",
     ):
         monkeypatch.setattr(lines_module, name, None)
+
+
+def record_prefect_requests(monkeypatch: Any) -> list[tuple[str, str]]:
+    """(method, path) of every request this process sends through ``httpx.Client`` from now
+    on (the Prefect client's; openai's SDK uses httpx2), in order."""
+    import httpx
+
+    sent: list[tuple[str, str]] = []
+    send = httpx.Client.send
+
+    def recording(self: httpx.Client, request: httpx.Request, *args: Any, **kwargs: Any) -> Any:
+        sent.append((request.method, request.url.path))
+        return send(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recording)
+    return sent

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -26,7 +25,14 @@ from prefect_kluster.flows import (
 )
 from prefect_kluster.tasks import RequestFileError
 from tests.conftest import TEST_API_KEY
-from tests.helpers import MODEL, read_jsonl, request, requests, write_jsonl
+from tests.helpers import (
+    MODEL,
+    read_jsonl,
+    record_prefect_requests,
+    request,
+    requests,
+    write_jsonl,
+)
 from tests.server import copy_of, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,14 +88,7 @@ def test_shards_send_the_prefect_server_no_task_run_reads_and_claim_first(
     """Each shard's steps get the step before's result, not its future (Prefect reads an
     unfinished future's task run from the server for every task it is passed to), and the
     run's opening artifacts go to the server after the first shard's claim, not beside it."""
-    sent: list[tuple[str, str]] = []
-    send = httpx.Client.send
-
-    def recording(self, request, *args, **kwargs):
-        sent.append((request.method, request.url.path))
-        return send(self, request, *args, **kwargs)
-
-    monkeypatch.setattr(httpx.Client, "send", recording)
+    sent = record_prefect_requests(monkeypatch)
     rows = requests(12)
     result = batch_inference(
         input_path=str(write_jsonl(tmp_path / "in.jsonl", rows)),

@@ -27,7 +27,7 @@ from prefect_kluster.tasks import (
 )
 from prefect_kluster.tasks.retry import is_transient_error
 from tests.conftest import TEST_API_KEY
-from tests.helpers import read_jsonl, requests, write_jsonl
+from tests.helpers import read_jsonl, record_prefect_requests, requests, write_jsonl
 
 
 @flow
@@ -333,14 +333,7 @@ def test_a_flow_run_claims_and_reports_through_its_own_prefect_client(tmp_path, 
     from prefect_kluster.tasks import claims
     from prefect_kluster.tasks._prefect import prefect_client
 
-    paths: list[str] = []
-    send = httpx.Client.send
-
-    def recorded(self, request, *args, **kwargs):
-        paths.append(request.url.path)
-        return send(self, request, *args, **kwargs)
-
-    monkeypatch.setattr(httpx.Client, "send", recorded)
+    sent = record_prefect_requests(monkeypatch)
     key = f"own-client-{time.time_ns()}"
 
     @task
@@ -354,7 +347,7 @@ def test_a_flow_run_claims_and_reports_through_its_own_prefect_client(tmp_path, 
 
     @flow
     def run() -> tuple[bool, bool, contextvars.Context]:
-        paths.clear()
+        sent.clear()
         in_task = claim_and_release.submit().result()
         seen: list[bool] = []
         run_client = SyncClientContext.get().client
@@ -370,6 +363,7 @@ def test_a_flow_run_claims_and_reports_through_its_own_prefect_client(tmp_path, 
 
     in_task, in_thread, run_context = run()
     assert in_task and in_thread
+    paths = [path for _, path in sent]
     assert any(p.endswith("/variables/") for p in paths)  # the claim was made over HTTP
     assert not [p for p in paths if p.endswith("/csrf-token")], paths
 
