@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+import threading
 from typing import Any
 
 import httpx
@@ -100,8 +101,17 @@ def _forget_key(request: Any) -> None:
     request.headers.pop("authorization", None)
 
 
-@functools.cache
+_TLS_LOCK = threading.Lock()
+
+
 def tls_context() -> ssl.SSLContext:
     """The process's TLS context, made as httpx makes its default one (certifi's bundle, or
-    SSL_CERT_FILE / SSL_CERT_DIR when set), once."""
+    SSL_CERT_FILE / SSL_CERT_DIR when set), once: threads that ask while it is being made
+    (a run's first clients start together) wait for it rather than make their own."""
+    with _TLS_LOCK:
+        return _made_tls_context()
+
+
+@functools.cache
+def _made_tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()

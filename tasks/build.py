@@ -29,6 +29,7 @@ import fsspec
 import msgspec
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 
 from prefect_kluster.tasks import _lines as line_work
@@ -740,25 +741,28 @@ def validate_and_shard(
     return shards
 
 
-@task(name="validate-shard-and-estimate")
+# No cache policy: what it returns depends on the file's bytes, not on its path.
+@task(name="validate-shard-and-estimate", cache_policy=NONE)
 def validate_shard_and_estimate(
     source: str,
     out_dir: str,
-    prices: PriceTable,
+    prices: PriceTable | Future[PriceTable],
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_requests_per_file: int | None = None,
     allowed_models: list[str] | None = None,
     windows: Sequence[str] = WINDOWS,
 ) -> tuple[list[Shard], CostEstimate]:
     """``validate_and_shard`` that also prices the requests, from the same single read of
-    the input: (shards, the cost estimate per model and completion window)."""
+    the input: (shards, the cost estimate per model and completion window). ``prices`` may
+    still be coming (a future): it is needed only once the file has been read."""
     for stale in storage.listdir(out_dir):
         if storage.basename(stale).startswith(("shard-", "part-")):
             storage.remove(stale)
     shards, tally = shard_and_tally(
         source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
     )
-    estimate = estimate_cost(tally, prices, windows)
+    table = prices.result() if isinstance(prices, Future) else prices
+    estimate = estimate_cost(tally, table, windows)
     get_run_logger().info(
         "Validated %d request lines into %d shard(s); estimated cost %s",
         sum(s.lines for s in shards),

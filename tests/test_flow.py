@@ -107,6 +107,38 @@ def test_shards_send_the_prefect_server_no_task_run_reads_and_claim_first(
     assert claims[0] < artifacts[0]
 
 
+def test_the_file_is_checked_while_the_price_list_is_read(tmp_path, kluster_env, monkeypatch):
+    """The service's price list (and the client's TLS context) is not on the run's path:
+    with the model listing answering 1.6 s late, the file is read before it has come."""
+    from prefect_kluster.tasks import build, cost
+
+    # the run's first two calls (models, batches) both wait 1.64-1.92 s (seed 27's draws)
+    kluster_env.configure(latency=2.0, fault_routes=["GET /v1/models"], fault_seed=27)
+    marks: dict[str, float] = {}
+    fetch, tally = cost.fetch_prices, build.shard_and_tally
+
+    def fetch_prices(client):
+        try:
+            return fetch(client)
+        finally:
+            marks["prices came"] = time.monotonic()
+
+    def shard_and_tally(*args, **kwargs):
+        marks.setdefault("file read from", time.monotonic())
+        return tally(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "fetch_prices", fetch_prices)
+    monkeypatch.setattr(build, "shard_and_tally", shard_and_tally)
+    result = batch_inference(
+        input_path=str(write_jsonl(tmp_path / "in.jsonl", requests(3))),
+        output_path=str(tmp_path / "out.jsonl"),
+        run={"poll_interval": 0.05},
+    )
+    assert result.status == "completed" and result.summary.succeeded == 3
+    assert result.estimate is not None and result.estimate.prices_from_service
+    assert marks["file read from"] < marks["prices came"] - 1.0
+
+
 def test_a_shard_uploaded_as_the_run_ends_is_not_submitted(tmp_path, kluster_env, monkeypatch):
     """Another shard failed, or the run was cancelled, while this one uploaded: it pays
     for no batch, and the claim its upload took is given back."""
