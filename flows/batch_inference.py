@@ -247,7 +247,7 @@ def batch_inference(
     # The service's prices and its batch list (a rerun's batches, to reuse) are read while
     # the file is checked: their round trips and the first client's TLS context (40-55 ms
     # of CPU) are not on the run's path.
-    prices = _beside(_service_prices, credentials, run.prices)  # a future
+    prices = _PRICES.submit(_service_prices, credentials, run.prices)  # a future
     existing = None
     if not run.resubmit and not run.estimate_only:
         existing = find_existing_batches.submit(credentials, since=None)
@@ -425,6 +425,11 @@ def _beside(report: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any
     """Start ``report`` in a reporting thread, in this run's context (its artifacts are
     the run's)."""
     return _REPORTING.submit(contextvars.copy_context().run, report, *args, **kwargs)
+
+
+# Its own threads, not the reporting ones: a slow model listing (up to the client's
+# timeout and retries) holds up no run's artifacts.
+_PRICES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kluster-prices")
 
 
 def _service_prices(
