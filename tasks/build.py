@@ -20,7 +20,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, BinaryIO
@@ -720,6 +720,31 @@ def build_request_file(
     return path
 
 
+@contextmanager
+def replacing_shards(out_dir: str) -> Iterator[list[Shard]]:
+    """Shards written into a folder that may hold an earlier run's: add the new ones to the
+    list this yields. The same input makes the same shards (the content hash is in their
+    names), published over the old ones in place; only the shards not made again are
+    removed, after. A child run of the earlier attempt still uploading one of them never
+    finds it missing while a rerun checks the input again. If writing fails, no shard is
+    left."""
+    for stale in storage.listdir(out_dir):  # a crashed writer's temporary files
+        if storage.basename(stale).startswith("part-"):
+            storage.remove(stale)
+    written: list[Shard] = []
+    try:
+        yield written
+    except BaseException:
+        written.clear()
+        raise
+    finally:
+        keep = {storage.basename(p) for s in written for p in (s.path, s.ids_path)}
+        for old in storage.listdir(out_dir):
+            name = storage.basename(old)
+            if name.startswith("shard-") and name not in keep:
+                storage.remove(old)
+
+
 @task(name="validate-and-shard")
 def validate_and_shard(
     source: str,
@@ -729,12 +754,11 @@ def validate_and_shard(
     allowed_models: list[str] | None = None,
 ) -> list[Shard]:
     """Validate a request file and split it into shards that fit the service's limits."""
-    for stale in storage.listdir(out_dir):
-        if storage.basename(stale).startswith(("shard-", "part-")):
-            storage.remove(stale)
-    shards = shard_request_file(
-        source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
-    )
+    with replacing_shards(out_dir) as written:
+        shards = shard_request_file(
+            source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
+        )
+        written += shards
     get_run_logger().info(
         "Validated %d request lines into %d shard(s)", sum(s.lines for s in shards), len(shards)
     )
@@ -755,12 +779,11 @@ def validate_shard_and_estimate(
     """``validate_and_shard`` that also prices the requests, from the same single read of
     the input: (shards, the cost estimate per model and completion window). ``prices`` may
     still be coming (a future): it is needed only once the file has been read."""
-    for stale in storage.listdir(out_dir):
-        if storage.basename(stale).startswith(("shard-", "part-")):
-            storage.remove(stale)
-    shards, tally = shard_and_tally(
-        source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
-    )
+    with replacing_shards(out_dir) as written:
+        shards, tally = shard_and_tally(
+            source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
+        )
+        written += shards
     table = prices.result() if isinstance(prices, Future) else prices
     estimate = estimate_cost(tally, table, windows)
     get_run_logger().info(

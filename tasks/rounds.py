@@ -8,7 +8,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from prefect_kluster.tasks import storage
-from prefect_kluster.tasks.build import shard_request_file
+from prefect_kluster.tasks.build import replacing_shards, shard_request_file
 from prefect_kluster.tasks.join import JoinSummary, _ParquetSink, join_result_files
 from prefect_kluster.tasks.schema import JoinedLine
 from prefect_kluster.tasks.types import Shard
@@ -52,10 +52,9 @@ def build_retry_shards(
                     if msgspec.json.decode(custom_id) in wanted:
                         dest.write(line)
                         kept += 1
-    for stale in storage.listdir(out_dir):
-        if storage.basename(stale).startswith("shard-"):
-            storage.remove(stale)
-    retry = shard_request_file(requests_path, out_dir, max_file_bytes, max_requests_per_file)
+    with replacing_shards(out_dir) as written:
+        retry = shard_request_file(requests_path, out_dir, max_file_bytes, max_requests_per_file)
+        written += retry
     get_run_logger().info("Next round: %d request(s) in %d shard(s)", kept, len(retry))
     return retry
 

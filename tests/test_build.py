@@ -250,3 +250,37 @@ def test_build_from_prompts_and_templates(tmp_path):
     assert row["custom_id"] == "request-2"
     assert row["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert row["body"]["max_completion_tokens"] == 50
+
+
+def test_a_rerun_replaces_its_shards_in_place_and_removes_only_the_others(tmp_path, monkeypatch):
+    """A rerun checks the input again while a child run of the earlier attempt may still be
+    uploading one of its shards: the same shards are published over the old ones, none is
+    ever missing meanwhile, and only shards not made again are removed, after."""
+    from prefect_kluster.tasks import build, storage
+
+    source = str(write_jsonl(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(9)]))
+    out = tmp_path / "shards"
+    first = build.validate_and_shard(source, str(out), max_requests_per_file=3)
+    assert len(first) == 3
+    earlier = [out / "shard-00009-0123456789abcdef.jsonl", out / "shard-00009-0123456789abcdef.ids"]
+    for path in earlier:  # an earlier input's shard, not made again
+        path.write_text("{}\n")
+    missing: list[str] = []
+    publish = storage.publish
+
+    def publish_checking(tmp: str, path: str) -> None:
+        paths = [p for s in first for p in (s.path, s.ids_path)] + [str(p) for p in earlier]
+        missing.extend(p for p in paths if not Path(p).exists())
+        publish(tmp, path)
+
+    monkeypatch.setattr(storage, "publish", publish_checking)
+    again = build.validate_and_shard(source, str(out), max_requests_per_file=3)
+    assert missing == []
+    assert again == first
+    made = {Path(p).name for s in again for p in (s.path, s.ids_path)}
+    assert {p.name for p in out.iterdir()} == made
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [request("r0"), request("r0")])
+    with pytest.raises(RequestFileError, match="duplicate custom_id"):
+        build.validate_and_shard(str(bad), str(out), max_requests_per_file=3)
+    assert list(out.iterdir()) == []  # a failed check leaves no shard
