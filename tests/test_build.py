@@ -256,11 +256,17 @@ def test_a_rerun_replaces_its_shards_in_place_and_removes_only_the_others(tmp_pa
     """A rerun checks the input again while a child run of the earlier attempt may still be
     uploading one of its shards: the same shards are published over the old ones, none is
     ever missing meanwhile, and only shards not made again are removed, after."""
+    from prefect import flow
+
     from prefect_kluster.tasks import build, storage
+
+    @flow
+    def validate(source: str, out: str) -> list:
+        return build.validate_and_shard(source, out, max_requests_per_file=3)
 
     source = str(write_jsonl(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(9)]))
     out = tmp_path / "shards"
-    first = build.validate_and_shard(source, str(out), max_requests_per_file=3)
+    first = validate(source, str(out))
     assert len(first) == 3
     earlier = [out / "shard-00009-0123456789abcdef.jsonl", out / "shard-00009-0123456789abcdef.ids"]
     for path in earlier:  # an earlier input's shard, not made again
@@ -274,7 +280,7 @@ def test_a_rerun_replaces_its_shards_in_place_and_removes_only_the_others(tmp_pa
         publish(tmp, path)
 
     monkeypatch.setattr(storage, "publish", publish_checking)
-    again = build.validate_and_shard(source, str(out), max_requests_per_file=3)
+    again = validate(source, str(out))
     assert missing == []
     assert again == first
     made = {Path(p).name for s in again for p in (s.path, s.ids_path)}
@@ -282,5 +288,5 @@ def test_a_rerun_replaces_its_shards_in_place_and_removes_only_the_others(tmp_pa
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [request("r0"), request("r0")])
     with pytest.raises(RequestFileError, match="duplicate custom_id"):
-        build.validate_and_shard(str(bad), str(out), max_requests_per_file=3)
+        validate(str(bad), str(out))
     assert list(out.iterdir()) == []  # a failed check leaves no shard
