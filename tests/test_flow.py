@@ -112,7 +112,8 @@ def test_the_file_is_checked_while_the_price_list_is_read(tmp_path, kluster_env,
     with the model listing answering 1.6 s late, the file is read before it has come."""
     from prefect_kluster.tasks import build, cost
 
-    # the run's first two calls (models, batches) both wait 1.64-1.92 s (seed 27's draws)
+    # only the models call is delayed: by 1.64 or 1.92 s, seed 27's draws for the run's
+    # first two calls (models and batches, whichever comes first)
     kluster_env.configure(latency=2.0, fault_routes=["GET /v1/models"], fault_seed=27)
     marks: dict[str, float] = {}
     fetch, tally = cost.fetch_prices, build.shard_and_tally
