@@ -195,6 +195,7 @@ def shard_group(
         deadline=None if run.timeout is None else time.monotonic() + run.timeout,
         nonce=run.run_label,
         started=started or time.time(),
+        joins_results=False,  # the parent joins them
     )
     known = find_existing_batches(credentials, since=None) if not run.resubmit else []
     name = manifest.get("concurrency_limit")

@@ -70,6 +70,9 @@ class ShardRun:
     nonce: str | None
     started: float
     children: list[str] = field(default_factory=list)  # fan-out: child runs still working
+    # The results are joined by this process (not a fan-out child's): each download makes
+    # the join's first pass as the bytes arrive (``tasks.join.FirstPassAhead``).
+    joins_results: bool = True
 
     @property
     def state_dir(self) -> str:
@@ -204,7 +207,9 @@ def _take_shard(
 
 
 def _download(run: ShardRun, batch: BatchInfo, results_dir: str) -> _Taken:
-    return batch, download_batch_results(run.credentials, batch, results_dir)
+    return batch, download_batch_results(
+        run.credentials, batch, results_dir, join_ahead=run.joins_results
+    )
 
 
 def cancel_running_batches(credentials: KlusterCredentials, batch_ids: list[str]) -> list[str]:

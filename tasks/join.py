@@ -4,7 +4,9 @@ The service does not promise output order, so the join takes two passes. The fir
 decodes every result line once and writes its joined line to a scratch file, keeping an
 index of about 40 bytes a result (a 64-bit hash of the custom_id, where the joined line
 is, its kind and token counts): on two threads by the compiled pass when it is built, else
-here, with a helper process on a second core for part of a large input. The second pass
+here, with a helper process on a second core for part of a large input. A result file
+downloaded by this process has had its first pass made as its bytes arrived
+(``FirstPassAhead``): the join takes that instead of reading the file again. The second pass
 reads the custom_ids of the requests a window at a time and copies their joined lines into
 the output, in input order, checking that each is its request's (the compiled module's
 ``gather_lines`` does both in one pass); when the results came in about input order, as they
@@ -15,11 +17,14 @@ output's new pages then reuse them).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from array import array
 from bisect import bisect_right
@@ -120,8 +125,10 @@ class JoinSummary(BaseModel):
     shards: list[ShardSummary] = Field(default_factory=list)
 
 
-# Where the helper's scratch lines live in the index's one offset space.
-_HELPER_SCRATCH = 1 << 56
+# The index's one offset space: scratch file k's lines at k << _SLOT_BITS on (0: the
+# first pass's own, 1: the helper's, 2 on: passes made as result files downloaded).
+_SLOT_BITS = 56
+_HELPER_SCRATCH = 1 << _SLOT_BITS
 # Custom_ids are joined a window at a time: about 4,000 to 8,000 (a few MB of joined lines).
 # Measured on 200k real-world results (answers of about 900 bytes): 512 KB windows of ids
 # raised the join's peak RSS by 63 MB, 128 KB windows by 10 MB.
@@ -165,12 +172,20 @@ class _ResultIndex:
     reads joined lines back a window of requests at a time.
     """
 
-    def __init__(self, paths: Sequence[str], scratch_stem: Path):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        scratch_stem: Path,
+        ahead: Sequence[FirstPassAhead | None] = (),
+    ):
         self.paths = list(paths)
         self._scratch_paths = [
             scratch_stem.with_name(f"{scratch_stem.name}.scratch-{i}.tmp") for i in (0, 1)
         ]
-        self._files: list[BinaryIO] = []
+        # per file, the pass made as it downloaded (None: the join makes its own); this
+        # index owns them from here and removes their scratch files when it closes
+        self._ahead = list(ahead) + [None] * (len(self.paths) - len(ahead))
+        self._files: list[BinaryIO | None] = []
         self._hashes, self._starts, self._lengths = array("q"), array("q"), array("q")
         self._kinds, self._tokens = bytearray(), array("i")
         # Join-wide model codes (-1: none) and the names they stand for.
@@ -180,7 +195,7 @@ class _ResultIndex:
         # (first entry, file number) for each file that has entries, in file order.
         self._file_runs: list[tuple[int, int]] = []
         try:
-            self._files.append(open(self._scratch_paths[0], "w+b"))  # noqa: SIM115
+            self._files += [open(self._scratch_paths[0], "w+b"), None]  # noqa: SIM115
             self._scratch_end = 0
             self._helper_end = 0  # bytes the helper has written to its scratch file
             self._writer = _Writer(self._files[0])
@@ -190,11 +205,11 @@ class _ResultIndex:
                 self._writer.close()
             self._files[0].flush()
             if self._helper_end:  # the helper answered for some blocks
-                self._files.append(open(self._scratch_paths[1], "rb"))  # noqa: SIM115
+                self._files[1] = open(self._scratch_paths[1], "rb")  # noqa: SIM115
         except BaseException:
             self.close()
             raise
-        self._fds = [f.fileno() for f in self._files]
+        self._fds = [-1 if f is None else f.fileno() for f in self._files]
         self._file_keys = np.frombuffer(self._hashes, dtype=np.int64)
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         # Each key's latest entry in a hash table (the compiled module's), when it is built:
@@ -214,9 +229,13 @@ class _ResultIndex:
 
     def close(self) -> None:
         for handle in self._files:
-            handle.close()
+            if handle is not None:
+                handle.close()
         for path in self._scratch_paths:
             path.unlink(missing_ok=True)
+        for ahead in self._ahead:
+            if ahead is not None:
+                ahead.discard()
 
     # --- first pass ---------------------------------------------------------------------
 
@@ -251,10 +270,26 @@ class _ResultIndex:
         """The first pass with the compiled join (``native/``): it releases the GIL, so
         blocks are joined on two threads while this one reads ahead, writes the joined
         lines and indexes them in order; no helper process. A block it does not take
-        (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``."""
+        (an unreadable line, a shape it is not sure of) is joined by ``JoinedBlock``. A
+        file whose pass was made as it downloaded is not read: its entries are taken, in
+        their place in file order."""
+        run: list[int] = []  # files to read, one after another
+        for file_no, ahead in enumerate(self._ahead):
+            if ahead is None:
+                run.append(file_no)
+                continue
+            self._index_files_natively(run)
+            run = []
+            self._adopt(ahead, file_no)
+        self._index_files_natively(run)
+
+    def _index_files_natively(self, file_nos: list[int]) -> None:
+        if not file_nos:
+            return
 
         def read() -> Iterator[tuple[int, int, Any, bytes]]:
-            for file_no, path in enumerate(self.paths):
+            for file_no in file_nos:
+                path = self.paths[file_no]
                 local = storage.local_path(path)
                 if local is not None:  # read from the page cache in place
                     for offset, head, tail in line_work.map_block_parts(local):
@@ -277,6 +312,15 @@ class _ResultIndex:
                 else:
                     self._place(block)
                 self._add(block, file_no, block.start)
+
+    def _adopt(self, ahead: FirstPassAhead, file_no: int) -> None:
+        """Index a file from the pass made as it downloaded: its scratch file becomes one
+        of this index's."""
+        base = len(self._files) << _SLOT_BITS
+        self._files.append(open(ahead.scratch_path, "r+b"))  # noqa: SIM115 - r+: freed as read
+        for block in ahead.blocks:
+            self._add(block, file_no, base + block.start)
+        ahead.blocks = []
 
     def _place(self, block: JoinedBlock) -> None:
         """Write a block's joined lines to the scratch file; ``start`` says where."""
@@ -383,9 +427,8 @@ class _ResultIndex:
     # --- lookups ------------------------------------------------------------------------
 
     def _read(self, start: int, size: int) -> bytes:
-        if start >= _HELPER_SCRATCH:
-            return os.pread(self._fds[1], size, start - _HELPER_SCRATCH)
-        return os.pread(self._fds[0], size, start)
+        slot = start >> _SLOT_BITS
+        return os.pread(self._fds[slot], size, start - (slot << _SLOT_BITS))
 
     def _by_key(self) -> tuple[np.ndarray, np.ndarray]:
         """(order, keys): the entries sorted by key, made when first needed. Stable: equal
@@ -457,10 +500,11 @@ class _ResultIndex:
         # whole pages inside each run of lines that follow each other (in the main scratch
         # file: the helper's is read-only here)
         lows = -(-firsts // _PAGE) * _PAGE
-        highs = np.minimum(lasts, _HELPER_SCRATCH) // _PAGE * _PAGE
+        highs = lasts // _PAGE * _PAGE
         for low, high in zip(lows.tolist(), highs.tolist(), strict=True):
-            if high > low:
-                if not _punch_hole(self._fds[0], low, high - low):
+            slot = low >> _SLOT_BITS  # a run of lines is within one scratch file
+            if high > low and slot != 1:  # (the helper's file is read-only here)
+                if not _punch_hole(self._fds[slot], low - (slot << _SLOT_BITS), high - low):
                     self.release_copied = False  # not on this file system: keep it all
                     return
                 self.released += high - low
@@ -526,6 +570,192 @@ def _hole_puncher() -> Callable[[int, int, int], bool] | None:
 
 
 _punch_hole = _hole_puncher()
+
+
+class FirstPassAhead:
+    """The join's first pass over one result file, made from its bytes as they download.
+
+    The download hands each piece to ``feed``; a single thread joins the whole lines of
+    each piece natively (the GIL released: on a second core, while the download thread
+    receives) and writes their joined lines to a scratch file of its own. Once the file is
+    published, ``finish`` lists the pass for the join, which then takes its index entries
+    and scratch lines instead of reading the result file again (for a result file in a
+    bucket, that read is a second download). One thread only: measured here, a second one
+    slowed the download by as much as it gained. Anything unusual (a line with no readable
+    custom_id, a failed write, the file changed since) drops the pass, and the join makes
+    its own as before, which names the line and the reason."""
+
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self, path: str):
+        self.path = path
+        local = storage.local_path(path)
+        folder = os.path.dirname(os.path.abspath(local)) if local else tempfile.gettempdir()
+        name = f"{storage.basename(path)}.ahead-{uuid.uuid4().hex[:12]}.tmp"
+        self.scratch_path = os.path.join(folder, name)
+        self.blocks: list[JoinedBlock] = []
+        self.identity: tuple[Any, ...] | None = None
+        self.lines = 0
+        self._handle: BinaryIO | None = None
+        self._end = 0  # bytes of joined lines written
+        self._fed = 0  # bytes of the result file seen
+        self._rest: list[bytes] = []  # the start of a line not yet whole
+        self._pending: deque[Future[None]] = deque()
+        self._failed = False
+
+    @classmethod
+    def start(cls, path: str) -> FirstPassAhead | None:
+        """A pass for the result file to be published at ``path``, or None where the
+        compiled join is not built (the helper-process join does not take one)."""
+        if line_work.native_join_block is None:
+            return None
+        ahead = cls(path)
+        try:
+            os.makedirs(os.path.dirname(ahead.scratch_path), exist_ok=True)
+            ahead._handle = open(ahead.scratch_path, "wb")  # noqa: SIM115
+        except OSError:
+            return None
+        return ahead
+
+    @classmethod
+    def _worker(cls) -> ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kluster-ahead")
+            return cls._pool
+
+    def feed(self, piece: bytes) -> None:
+        """The next piece of the file, as received (it may end in the middle of a line)."""
+        self._fed += len(piece)
+        cut = piece.rfind(b"\n") + 1
+        if not cut:
+            self._rest.append(piece)
+            return
+        head = b"".join(self._rest) if self._rest else None
+        self._rest = [piece[cut:]] if cut < len(piece) else []
+        self._submit(head, memoryview(piece)[:cut] if cut < len(piece) else piece)
+
+    def _submit(self, head: bytes | None, lines: bytes | memoryview) -> None:
+        self._pending.append(self._worker().submit(self._join, head, lines))
+        while len(self._pending) > _AHEAD_PIECES:  # hold a few pieces, not the file
+            self._pending.popleft().result()
+
+    def _join(self, head: bytes | None, lines: bytes | memoryview) -> None:
+        """On the pass's thread: join one run of whole lines (``head`` + ``lines``)."""
+        if self._failed:
+            return
+        try:
+            block = (
+                JoinedBlock.joined_natively(head, lines)
+                if head
+                else JoinedBlock.joined_natively(lines)
+            )
+            if block is None:  # a shape the compiled pass leaves to this module's
+                block = JoinedBlock(split_lines((head or b"") + bytes(lines)))
+            block.start = self._end
+            assert self._handle is not None
+            line_work.write_all(self._handle, block.data)
+            self._end += len(block.data)
+            block.data = b""
+            self.blocks.append(block)
+        except Exception:  # noqa: BLE001 - the join's own pass will name the problem
+            self._failed = True
+
+    def finish(self) -> None:
+        """The file is complete and published: wait for the pass and list it for the join
+        (or drop it if anything went wrong)."""
+        try:
+            if self._rest:  # a last line with no newline
+                last = b"".join(self._rest)
+                self._rest = []
+                if last.strip():
+                    self._submit(None, last)
+            while self._pending:
+                self._pending.popleft().result()
+            assert self._handle is not None
+            self._handle.close()
+            identity = _identity(self.path)
+        except Exception:  # noqa: BLE001 - no pass then; the join makes its own
+            self._failed = True
+            identity = None
+        if self._failed or identity is None or identity[0] != self._fed:
+            self.discard()
+            return
+        self.identity = identity
+        self.lines = sum(len(block.lengths) for block in self.blocks)
+        dropped = []
+        with _AHEAD_LOCK:
+            older = _AHEAD.pop(self.path, None)
+            if older is not None:
+                dropped.append(older)
+            _AHEAD[self.path] = self
+            # Passes waiting for their join hold about 45 bytes a line: past the budget,
+            # the oldest are dropped (their join reads those files itself).
+            while sum(ahead.lines for ahead in _AHEAD.values()) > _AHEAD_MAX_LINES:
+                dropped.append(_AHEAD.pop(next(iter(_AHEAD))))
+        for ahead in dropped:
+            ahead.discard()
+
+    def discard(self) -> None:
+        """Drop the pass and its scratch file (the download failed, or nothing took it)."""
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except Exception:  # noqa: BLE001, S110 - dropping it anyway
+                pass
+        self._failed = True
+        self.blocks = []
+        if self._handle is not None:
+            self._handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.scratch_path)
+
+
+# Pieces of a download (1 MiB each) that may wait for the pass's thread.
+_AHEAD_PIECES = 8
+# Finished passes no join has taken yet, by result path, oldest first: of at most
+# _AHEAD_MAX_LINES result lines in all (about 90 MB).
+_AHEAD: dict[str, FirstPassAhead] = {}
+_AHEAD_LOCK = threading.Lock()
+_AHEAD_MAX_LINES = 2_000_000
+
+
+def _identity(path: str) -> tuple[Any, ...]:
+    """What tells a result file from one written over it later: size first, then the local
+    file's inode and modification time, or a bucket object's ETag / modification time."""
+    local = storage.local_path(path)
+    if local is not None:
+        status = os.stat(local)
+        return (status.st_size, status.st_ino, status.st_mtime_ns)
+    fs, inner = storage.filesystem(path)
+    info = fs.info(inner)
+    return (int(info["size"]), info.get("ETag"), str(info.get("LastModified", info.get("mtime"))))
+
+
+def take_first_pass_ahead(path: str) -> FirstPassAhead | None:
+    """The pass made while ``path`` downloaded, if the file is still the one it read."""
+    with _AHEAD_LOCK:
+        ahead = _AHEAD.pop(path, None)
+    if ahead is None:
+        return None
+    try:
+        same = _identity(path) == ahead.identity
+    except OSError:
+        same = False
+    if not same:
+        ahead.discard()
+        return None
+    return ahead
+
+
+@atexit.register
+def _discard_passes_ahead() -> None:
+    with _AHEAD_LOCK:
+        left = list(_AHEAD.values())
+        _AHEAD.clear()
+    for ahead in left:
+        ahead.discard()
 
 
 def _distinct_request_keys(shards: Sequence[Shard]) -> bool:
@@ -909,7 +1139,12 @@ def join_result_files(
         # whether requests' keys are distinct, found beside the first pass
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-keys") as pool:
             distinct = pool.submit(_distinct_request_keys, shards)
-            index = _ResultIndex(result_paths, scratch)
+            ahead = list(map(take_first_pass_ahead, result_paths))
+            if line_work.native_join_block is None:  # the helper's join takes none
+                for unused in filter(None, ahead):
+                    unused.discard()
+                ahead = []
+            index = _ResultIndex(result_paths, scratch, ahead)
             index.release_copied = distinct.result()
         sink = _ParquetSink(parquet_target) if parquet_target is not None else None
         retry_handle = (
