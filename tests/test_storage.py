@@ -187,6 +187,12 @@ def test_cli_run_on_s3_leaves_nothing_on_local_disk(tmp_path, s3, kluster_env):
     assert not [k for k in keys if k.endswith(".tmp")], "nothing half-written is left"
     left = [p for d in (cwd, tmp) for p in d.rglob("*") if p.is_file()]
     assert left == [], f"files left on local disk: {left}"
+    # The join's first pass was made as the results downloaded: none is read back from
+    # the bucket (moto's log has each request; a listing GET has a "?" after the bucket).
+    results = "/kluster-cli-run/run1/round-1/results/"
+    log = s3.process.log.read_text()
+    assert log.count(f'"PUT {results}') >= 6  # 3 shards' output files, written and copied
+    assert f'"GET {results}' not in log
     assert not Path("s3:").exists() and not (cwd / "s3:").exists()
 
 
