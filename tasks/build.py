@@ -100,6 +100,26 @@ def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
     return f"not valid JSON: {text}"
 
 
+# A block's bytes: one bytes, or the two parts it was read in (``read_block_parts``), never
+# copied into one only to be written.
+_Data = bytes | tuple[bytes, bytes]
+
+
+def _lf_parts(head: bytes, tail: bytes) -> _Data:
+    """``head`` followed by ``tail`` with CRLF line ends made LF: the two parts as they are
+    when neither has one (a memchr scan each), else one bytes (the one copy made then).
+    Putting each 2 MB block's parts together cost the reading thread a copy of the file."""
+    if not tail:
+        return crlf_to_lf(head)
+    if head[-1:] != b"\r" and crlf_to_lf(head) is head and crlf_to_lf(tail) is tail:
+        return head, tail
+    return crlf_to_lf(head, tail)
+
+
+def _size(data: _Data) -> int:
+    return len(data[0]) + len(data[1]) if isinstance(data, tuple) else len(data)
+
+
 # Input is read in blocks of whole lines (tasks._lines.read_blocks). Each block is checked
 # with one decode per line: by the compiled check on two threads when it is built, else
 # here or in a helper process; and written with one write per shard piece; a helper thread
@@ -127,10 +147,11 @@ class _ShardFiles:
         self.ids = storage.open_file(self._tmp[1], "wb")
         self.hash = hashlib.sha256()
 
-    def write(self, data: bytes, ids: bytes) -> None:
+    def write(self, data: _Data, ids: bytes) -> None:
         assert self.file is not None and self.ids is not None
-        self.hash.update(data)
-        line_work.write_all(self.file, data)
+        for part in data if isinstance(data, tuple) else (data,):
+            self.hash.update(part)
+            line_work.write_all(self.file, part)
         line_work.write_all(self.ids, ids)
 
     def close(self, index: int, lines: int, size: int, first_line: int) -> None:
@@ -226,7 +247,7 @@ class _ShardWriter:
 
     def add(
         self,
-        data: bytes,
+        data: _Data,
         ids: list[bytes] | bytes,
         lines: list[bytes] | None = None,
         count: int | None = None,
@@ -241,11 +262,13 @@ class _ShardWriter:
         max_bytes, max_lines, target = self.max_bytes, self.max_lines, self.target
         if (
             self._open
-            and self._bytes + len(data) < target
+            and self._bytes + _size(data) < target
             and (max_lines is None or self._lines + count <= max_lines)
         ):
             self._put(data, ids, count)
             return
+        if isinstance(data, tuple):  # cut between shards: as one bytes
+            data = data[0] + data[1]
         if isinstance(ids, bytes):
             ids = ids.split(b"\n")
             ids.pop()
@@ -272,11 +295,11 @@ class _ShardWriter:
             self._put(piece, ids[i:j], j - i)
             i = j
 
-    def _put(self, data: bytes, ids: list[bytes] | bytes, count: int) -> None:
+    def _put(self, data: _Data, ids: list[bytes] | bytes, count: int) -> None:
         blob = ids if isinstance(ids, bytes) else b"\n".join(ids) + b"\n"
         self._submit(self._files.write, data, blob)
         self._lines += count
-        self._bytes += len(data)
+        self._bytes += _size(data)
         self._written += count
 
     def finish(self) -> list[Shard]:
@@ -338,7 +361,7 @@ class _Block:
         "offset", "data", "first_line", "count", "lines", "ids", "hashes", "state", "cost"
     )  # fmt: skip
 
-    def __init__(self, offset: int, data: bytes, first_line: int, count: int):
+    def __init__(self, offset: int, data: _Data, first_line: int, count: int):
         self.offset = offset
         self.data = data
         self.first_line = first_line
@@ -506,7 +529,7 @@ class _Sharding:
         if answer is not None:
             blob, counts, count, hashes = answer
             if self.models is None or self.models.issuperset(counts):
-                block = _Block(offset, crlf_to_lf(head, tail), self.lines + 1, count)
+                block = _Block(offset, _lf_parts(head, tail), self.lines + 1, count)
                 self.lines += count
                 block.ids, block.hashes = blob, hashes
                 block.cost = BlockCost(counts) if self.cost is not None else None

@@ -118,6 +118,39 @@ def test_line_ends_the_service_accepts(tmp_path, newline, trailing):
     assert shard_bytes(shards) == b"\n".join(lines) + b"\n"
 
 
+@pytest.mark.parametrize("block_bytes", [97, 256, 1000])
+def test_blocks_read_in_two_parts_are_written_without_their_crlf(
+    tmp_path, monkeypatch, block_bytes
+):
+    """Blocks end mid-line and are finished by a second read: written as the two parts
+    when neither holds a CRLF, else made LF (a CRLF split between them too): the shards'
+    bytes and hashes are the file's with LF line ends, whichever way each block went."""
+    import prefect_kluster.tasks._lines as line_work
+    import prefect_kluster.tasks.build as build_module
+
+    monkeypatch.setattr(line_work, "REQUEST_BLOCK_BYTES", block_bytes)
+    kept_apart = []
+    parts = build_module._lf_parts
+
+    def watched(head: bytes, tail: bytes):
+        data = parts(head, tail)
+        kept_apart.append(isinstance(data, tuple))
+        return data
+
+    monkeypatch.setattr(build_module, "_lf_parts", watched)
+    lines = [json.dumps(request(f"id-{i}", "ü" * (i % 40))).encode() for i in range(60)]
+    ends = [b"\r\n" if i % 7 == 0 else b"\n" for i in range(60)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(line + end for line, end in zip(lines, ends, strict=True)))
+    shards = shard_request_file(src, tmp_path / "out", max_file_bytes=4000)
+    assert shard_bytes(shards) == b"\n".join(lines) + b"\n"
+    for shard in shards:
+        content = Path(shard.path).read_bytes()
+        assert shard.sha256 == hashlib.sha256(content).hexdigest()
+        assert shard.bytes == len(content)
+    assert len(shards) > 1 and any(kept_apart) and not all(kept_apart)
+
+
 def _line(**changes) -> bytes:
     row = request("x")
     for dotted, value in changes.items():
