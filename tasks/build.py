@@ -107,11 +107,10 @@ _Data = bytes | tuple[bytes, bytes]
 
 def _lf_parts(head: bytes, tail: bytes) -> _Data:
     """``head`` followed by ``tail`` with CRLF line ends made LF: the two parts as they are
-    when neither has one (a memchr scan each), else one bytes (the one copy made then).
-    Putting each 2 MB block's parts together cost the reading thread a copy of the file."""
-    if not tail:
-        return crlf_to_lf(head)
-    if head[-1:] != b"\r" and crlf_to_lf(head) is head and crlf_to_lf(tail) is tail:
+    when neither holds a CR at all (a memchr each: a JSON line has a CR only as part of its
+    line end), else one bytes (the one copy made then). Putting each 2 MB block's parts
+    together cost the reading thread a copy of the whole file."""
+    if tail and b"\r" not in head and b"\r" not in tail:
         return head, tail
     return crlf_to_lf(head, tail)
 

@@ -721,16 +721,21 @@ _AHEAD_LOCK = threading.Lock()
 _AHEAD_MAX_LINES = 2_000_000
 
 
+# What object stores say changes when an object is written again (S3, GCS, Azure, ...).
+_CHANGE_MARKERS = ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated",
+                   "generation", "md5Hash", "created")  # fmt: skip
+
+
 def _identity(path: str) -> tuple[Any, ...]:
     """What tells a result file from one written over it later: size first, then the local
-    file's inode and modification time, or a bucket object's ETag / modification time."""
+    file's inode and modification time, or what the object store gives (ETag, times)."""
     local = storage.local_path(path)
     if local is not None:
         status = os.stat(local)
         return (status.st_size, status.st_ino, status.st_mtime_ns)
     fs, inner = storage.filesystem(path)
     info = fs.info(inner)
-    return (int(info["size"]), info.get("ETag"), str(info.get("LastModified", info.get("mtime"))))
+    return (int(info["size"]), *(str(info.get(key)) for key in _CHANGE_MARKERS))
 
 
 def take_first_pass_ahead(path: str) -> FirstPassAhead | None:
