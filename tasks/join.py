@@ -318,9 +318,11 @@ class _ResultIndex:
         of this index's."""
         base = len(self._files) << _SLOT_BITS
         self._files.append(open(ahead.scratch_path, "r+b"))  # noqa: SIM115 - r+: freed as read
-        for block in ahead.blocks:
-            self._add(block, file_no, base + block.start)
+        blocks = deque(ahead.blocks)
         ahead.blocks = []
+        while blocks:  # each block let go once its arrays are the index's: held once
+            block = blocks.popleft()
+            self._add(block, file_no, base + block.start)
 
     def _place(self, block: JoinedBlock) -> None:
         """Write a block's joined lines to the scratch file; ``start`` says where."""
