@@ -243,6 +243,7 @@ class _ResultIndex:
         if line_work.native_join_block is not None:
             self._index_all_natively()
             return
+        # The helper's join reads every file; passes made ahead go when the index closes.
         helper = Helper.start(self.paths, scratch=str(self._scratch_paths[1]))
         pending: deque[tuple[int, JoinedBlock | _Pending]] = deque()
         try:
@@ -587,9 +588,6 @@ class FirstPassAhead:
     custom_id, a failed write, the file changed since) drops the pass, and the join makes
     its own as before, which names the line and the reason."""
 
-    _pool: ThreadPoolExecutor | None = None
-    _pool_lock = threading.Lock()
-
     def __init__(self, path: str):
         self.path = path
         local = storage.local_path(path)
@@ -620,13 +618,6 @@ class FirstPassAhead:
             return None
         return ahead
 
-    @classmethod
-    def _worker(cls) -> ThreadPoolExecutor:
-        with cls._pool_lock:
-            if cls._pool is None:
-                cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kluster-ahead")
-            return cls._pool
-
     def feed(self, piece: bytes) -> None:
         """The next piece of the file, as received (it may end in the middle of a line)."""
         self._fed += len(piece)
@@ -639,7 +630,7 @@ class FirstPassAhead:
         self._submit(head, memoryview(piece)[:cut] if cut < len(piece) else piece)
 
     def _submit(self, head: bytes | None, lines: bytes | memoryview) -> None:
-        self._pending.append(self._worker().submit(self._join, head, lines))
+        self._pending.append(_AHEAD_THREAD.submit(self._join, head, lines))
         while len(self._pending) > _AHEAD_PIECES:  # hold a few pieces, not the file
             self._pending.popleft().result()
 
@@ -714,7 +705,9 @@ class FirstPassAhead:
             os.unlink(self.scratch_path)
 
 
-# Pieces of a download (1 MiB each) that may wait for the pass's thread.
+# The passes' one thread (started at the first piece), and the pieces of a download
+# (1 MiB each) that may wait for it.
+_AHEAD_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kluster-ahead")
 _AHEAD_PIECES = 8
 # Finished passes no join has taken yet, by result path, oldest first: of at most
 # _AHEAD_MAX_LINES result lines in all (about 90 MB).
@@ -1147,10 +1140,6 @@ def join_result_files(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-keys") as pool:
             distinct = pool.submit(_distinct_request_keys, shards)
             ahead = list(map(take_first_pass_ahead, result_paths))
-            if line_work.native_join_block is None:  # the helper's join takes none
-                for unused in filter(None, ahead):
-                    unused.discard()
-                ahead = []
             index = _ResultIndex(result_paths, scratch, ahead)
             index.release_copied = distinct.result()
         sink = _ParquetSink(parquet_target) if parquet_target is not None else None
