@@ -193,11 +193,14 @@ def _take_shard(
     batch = submit_shard(
         run.credentials, uploaded, run.state_dir, run.run.completion_window, run.run.metadata
     )
-    cleanups.append(
-        clean_up_uploads.submit(
-            run.credentials, shard, batch, run.state_dir, identity_key(identity)
+    if not (uploaded.sole_upload and batch.input_file_id == uploaded.file_id):
+        # An upload in doubt (a lost answer, a crash, an earlier run's): look for unused
+        # ones. The usual shard, uploaded once and answered, has none: no task run for it.
+        cleanups.append(
+            clean_up_uploads.submit(
+                run.credentials, shard, batch, run.state_dir, identity_key(identity)
+            )
         )
-    )
     if not run.run.wait:
         return batch, None
     finished = wait_for_batch(

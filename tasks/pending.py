@@ -69,11 +69,16 @@ def read_pending(work_dir: str) -> dict[str, Any] | None:
 
 
 def unregister_pending(work_dir: str) -> None:
-    """The run is finished: drop its pointer and its pending records."""
-    name = pending_name(work_dir)
-    if Variable.get(name) is not None:
-        Variable.unset(name)
-    storage.remove_tree(_records_dir(work_dir))
+    """The run is finished: drop its pointer and its pending records.
+
+    The records are written before the pointer and removed after it, so a run with no
+    record has no pointer either: a run that never stopped waiting (the usual one) makes
+    no call to the Prefect server here."""
+    records = _records_dir(work_dir)
+    if not storage.listdir(records):
+        return
+    Variable.unset(pending_name(work_dir))  # False if it was gone already
+    storage.remove_tree(records)
 
 
 def list_pending() -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from openai import OpenAI
 from prefect import task
 from prefect.logging import get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from prefect_kluster.blocks import KlusterCredentials
 from prefect_kluster.tasks import claims
@@ -40,6 +40,11 @@ class ShardUpload(BaseModel):
     identity: dict[str, str]
     file_id: str | None = None
     batch: BatchInfo | None = None
+    sole_upload: bool = Field(
+        False,
+        description="file_id is the shard's only upload, sent once by this call and answered "
+        "at once: once its batch is made from it, no unused upload of the shard can exist.",
+    )
 
 
 def shard_identity(shard: Shard, round_no: int = 1, nonce: str | None = None) -> dict[str, str]:

@@ -165,7 +165,9 @@ def _upload_once(
             logger.info("Upload answer was lost; found the file %s", found)
     journal.record("uploaded", key, file_id=found, **({ANSWERED: True} if answered else {}))
     logger.info("Uploaded shard %d as file %s", shard.index, found)
-    return ShardUpload(key=key, identity=identity, file_id=found)
+    return ShardUpload(
+        key=key, identity=identity, file_id=found, sole_upload=answered and intent is None
+    )
 
 
 def _create_file(client: OpenAI, name: str, path: str) -> tuple[str, int]:

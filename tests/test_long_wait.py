@@ -224,3 +224,19 @@ def test_a_run_that_cannot_be_collected_does_not_block_the_others(tmp_path, klus
     ]
     assert set(list_pending()) == {bad_name}, "the broken run stays pending, the good one is done"
     assert not (tmp_path / "bad-out.jsonl").exists()
+
+
+def test_a_run_that_never_went_pending_asks_the_server_nothing_when_it_ends(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from prefect_kluster.tasks.pending import pending_name, register_pending, unregister_pending
+
+    work = str(tmp_path / "out.jsonl.work")
+    # No server at this address: any call to it would fail the finished run.
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        unregister_pending(work)
+    register_pending(work, {"input_path": "in.jsonl"}, ["batch_1"])
+    assert pending_name(work) in list_pending()
+    unregister_pending(work)
+    assert pending_name(work) not in list_pending() and read_pending(work) is None
+    unregister_pending(work)  # twice: nothing left, nothing asked

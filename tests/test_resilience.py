@@ -19,18 +19,43 @@ from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import SHA_KEY
 from tests.conftest import TEST_API_KEY
 from tests.helpers import grouped, read_jsonl, request, requests, write_jsonl
+from tests.server import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_flow(tmp_path: Path, rows: list[dict], name: str = "o.jsonl", **kwargs):
+def run_flow(
+    tmp_path: Path, rows: list[dict], name: str = "o.jsonl", return_state: bool = False, **kwargs
+):
     src = tmp_path / "in.jsonl"
     if not src.exists():
         write_jsonl(src, rows)
     kwargs.setdefault("poll_interval", 0.05)
     return batch_inference(
-        input_path=str(src), output_path=str(tmp_path / name), **grouped(**kwargs)
+        input_path=str(src),
+        output_path=str(tmp_path / name),
+        return_state=return_state,
+        **grouped(**kwargs),
     )
+
+
+def task_run_names(state) -> list[str]:
+    """The names of a finished flow run's task runs (without their run suffix). The server
+    records them from events after the call returns: read until the join's is there and
+    every one has ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+
+    def recorded() -> list | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=this_run)
+        ended = all(r.state and r.state.is_final() for r in runs)
+        joined = any(r.name.startswith("join-round") for r in runs)
+        return runs if ended and joined else None
+
+    return sorted(r.name.rsplit("-", 1)[0] for r in wait_for(recorded, 60, "the task runs", 0.1))
 
 
 def shard_batches(emulator) -> list[dict]:
@@ -148,10 +173,12 @@ def test_uploads_answered_at_once_are_not_looked_for_again(tmp_path, kluster_env
     run whose every upload was answered at once makes no files list call (one a shard
     before, each walking every page of the account's files)."""
     rows = requests(30)
-    run_flow(tmp_path, rows, max_requests_per_file=10)
+    clean = run_flow(tmp_path, rows, max_requests_per_file=10, return_state=True)
     stats = kluster_env.stats()["requests"]
     assert stats["POST /v1/files"] == 3 and stats["POST /v1/batches"] == 3
     assert stats.get("GET /v1/files", 0) == 0
+    # Nothing to look for: not even a task run that finds nothing.
+    assert "clean-up-uploads" not in task_run_names(clean)
     assert len(live_input_files(kluster_env)) == 3
     assert_complete(tmp_path / "o.jsonl", rows)
     # A shard whose upload was found by a search (its answer lost) is looked for again.
@@ -159,8 +186,9 @@ def test_uploads_answered_at_once_are_not_looked_for_again(tmp_path, kluster_env
     kluster_env.configure(fault_rate=1.0, fault_after_create=True, fault_routes=["POST /v1/files"])
     lost = tmp_path / "lost"
     lost.mkdir()
-    run_flow(lost, rows[:10])
+    in_doubt = run_flow(lost, rows[:10], return_state=True)
     kluster_env.configure(fault_rate=0.0)
+    assert task_run_names(in_doubt).count("clean-up-uploads") == 1
     listed = kluster_env.stats()["requests"]["GET /v1/files"]
     assert listed >= 2, "one search for the lost answer, one for the clean-up"
     assert len(live_input_files(kluster_env)) == 1, "the duplicate uploads are deleted"
