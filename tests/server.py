@@ -75,6 +75,25 @@ def wait_for(
         time.sleep(interval)
 
 
+def recorded_task_runs(flow_run_id: Any, last_task: str, timeout: float = 60) -> list[Any]:
+    """A finished flow run's task runs on the Prefect server, which records them from their
+    events a moment after the flow call returns: read until one named ``last_task`` is there
+    and every one has ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+    def recorded() -> list[Any] | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=this_run)
+        ended = all(r.state and r.state.is_final() for r in runs)
+        last = any(r.name.startswith(last_task) for r in runs)
+        return runs if ended and last else None
+
+    return wait_for(recorded, timeout, f"the task runs of flow run {flow_run_id}", 0.1)
+
+
 @dataclass
 class Process:
     name: str

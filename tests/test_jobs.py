@@ -16,7 +16,6 @@ from helpers import read_jsonl, requests, write_jsonl
 from prefect import flow
 from prefect.blocks.abstract import JobBlock
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
 
 from prefect_kluster import (
     KlusterBatchJob,
@@ -187,17 +186,9 @@ def test_run_kluster_batch_job_flow(tmp_path, emulator, credentials):
     rows = state.result()
     assert sorted(r["custom_id"] for r in rows) == sorted(ids)
     flow_run_id = state.state_details.flow_run_id
-    from tests.server import wait_for
+    from tests.server import recorded_task_runs
 
-    def recorded() -> list | None:
-        # The server records task runs from their events, after the flow call has returned.
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-        return (
-            runs if len(runs) >= 3 and all(t.state and t.state.is_final() for t in runs) else None
-        )
-
-    task_runs = wait_for(recorded, 60, f"the task runs of flow run {flow_run_id}", 0.1)
+    task_runs = recorded_task_runs(flow_run_id, "fetch-kluster-batch-job-result")
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
     # One task run per step, however many polls the wait took.

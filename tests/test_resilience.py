@@ -19,7 +19,7 @@ from prefect_kluster.tasks.journal import Journal
 from prefect_kluster.tasks.submit import SHA_KEY
 from tests.conftest import TEST_API_KEY
 from tests.helpers import grouped, read_jsonl, request, requests, write_jsonl
-from tests.server import wait_for
+from tests.server import recorded_task_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,22 +40,9 @@ def run_flow(
 
 
 def task_run_names(state) -> list[str]:
-    """The names of a finished flow run's task runs (without their run suffix). The server
-    records them from events after the call returns: read until the join's is there and
-    every one has ended."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-
-    def recorded() -> list | None:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=this_run)
-        ended = all(r.state and r.state.is_final() for r in runs)
-        joined = any(r.name.startswith("join-round") for r in runs)
-        return runs if ended and joined else None
-
-    return sorted(r.name.rsplit("-", 1)[0] for r in wait_for(recorded, 60, "the task runs", 0.1))
+    """The names of a finished flow run's task runs (without their run suffix)."""
+    runs = recorded_task_runs(state.state_details.flow_run_id, "join-round")
+    return sorted(r.name.rsplit("-", 1)[0] for r in runs)
 
 
 def shard_batches(emulator) -> list[dict]:
