@@ -138,6 +138,8 @@ def test_bench_prints_every_figure(tmp_path):
     )
     assert probe, out[:2000]
     assert all(float(seconds) > 0 for seconds in probe.groups())
+    warmed = re.search(r"memory warm-up: 64 MiB taken and given back in ([\d.]+) s", out)
+    assert warmed and float(warmed.group(1)) > 0, out[:2000]
     # The real-world data has the shapes it claims.
     data = (tmp_path / "work" / "real-requests.jsonl").read_bytes()
     lines = data.split(b"\n")[:-1]
