@@ -51,9 +51,10 @@ Then the memory warm-up (``--warm-mb``, 8 GiB by default): that much memory take
 at once, and given back. On a machine started moments ago the first probe above took 11x the
 second (2.07 s against 0.19 s): a page the guest has never touched costs its host's work, and
 a step that writes more than the machine has touched so far (the real-world join, 1.3 GB of
-scratch and output, came after 5 GB of data) paid it: (e) measured 0.21 of a read there and
-0.28 on the same machine minutes later. A machine that has been running has no such pages
-left; after the warm-up, neither has this one. The probe's figures stay the cold ones.
+scratch and output, after 2.6 GB of generated data and the earlier steps' files) paid it:
+(e) measured 0.21 of a read there and 0.28 on the same machine minutes later. A machine
+that has been running has no such pages left; after the warm-up, neither has this one. The
+probe's figures stay the cold ones.
 
 ``--quick`` runs every step at N=2,000 (e2e 500): a check of the benchmark, not a figure.
 ``--in-process`` runs the steps in bench.py's own process (the tests use both, to check the

@@ -201,27 +201,20 @@ def page_cache_writes(directory: str, mb: int, idle: float) -> dict[str, Any]:
 
 
 def warm_memory(mb: int) -> dict[str, Any]:
-    """Take ``mb`` MiB of memory, every page of it at once (``MAP_POPULATE``), and give it
-    back: afterwards the guest's free pages are ones its host has already handed over. On
-    a machine started moments ago (a Firecracker guest here) a page the guest touches for
-    the first time costs the host's work, up to 11 times a page-cache write into pages
-    already had (the probe); a machine that has been running has none of those left.
-    Capped at half of what the kernel calls available."""
+    """Take ``mb`` MiB of memory, every page at once (``MAP_POPULATE``), and give it back,
+    so that the steps after it write into pages the machine has touched before (why:
+    bench.py's note on the warm-up). Capped at half of what the kernel calls available."""
     import mmap
 
     available = _available_mb()
     mb = max(0, min(mb, available // 2))
     chunk = 256
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
     maps = []
     start = time.perf_counter()
     try:
         for taken in range(0, mb, chunk):
             size = min(chunk, mb - taken) << 20
-            region = mmap.mmap(-1, size, flags=flags)
-            if not getattr(mmap, "MAP_POPULATE", 0):  # touch each page by hand
-                region[:: mmap.PAGESIZE] = b"\1" * len(range(0, size, mmap.PAGESIZE))
-            maps.append(region)
+            maps.append(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE))
     finally:
         for region in maps:
             region.close()
