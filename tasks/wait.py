@@ -328,6 +328,15 @@ class RunWatch:
                         self.unreported[batch.id] = batch
                         moved = True
                         urgent = urgent or before is None or before[0] != batch.status
+                # Waiters on ended batches go on (to their downloads) first: the report
+                # below is a Prefect server round trip they need not wait for.
+                with self.lock:
+                    self.latest.update(found)
+                    for batch in found.values():
+                        if batch.is_terminal:
+                            for waiter in self.waiting.pop(batch.id, []):
+                                waiter.batch = batch
+                                waiter.done.set()
                 if self.unreported and (
                     urgent or time.monotonic() - self.reported_at >= REPORT_EVERY
                 ):
@@ -341,13 +350,6 @@ class RunWatch:
                     pause = self.first_pause
                 elif found:
                     pause = min(pause * BACKOFF_FACTOR, self.longest_pause)
-                with self.lock:
-                    self.latest.update(found)
-                    for batch in found.values():
-                        if batch.is_terminal:
-                            for waiter in self.waiting.pop(batch.id, []):
-                                waiter.batch = batch
-                                waiter.done.set()
                 # A batch that starts being watched is looked at within the first pause of
                 # the last look, not after a long one; many starting at once share that look.
                 # A running batch foreseen to end sooner is looked at then.
