@@ -274,10 +274,13 @@ def batch_inference(
         _reported(reports())
         raise
 
+    shown: list[tuple[int, int]] = []  # what the progress artifact says, once it says it
+
     def show_progress(board: dict[str, BatchInfo]) -> None:
         counts = summed_counts(board.values())
         progress = opening.progress().result()
-        update_batch_progress(progress, counts.completed + counts.failed, counts.total)
+        done, total = counts.completed + counts.failed, counts.total
+        shown[:] = [(done, total)] if update_batch_progress(progress, done, total) else []
 
     watch_progress(show_progress)
     if limits.distribute is not None:
@@ -373,8 +376,10 @@ def batch_inference(
         cost_usd=cost.total_usd,
         cost=cost,
     )
-    done = opening.progress().result()
-    closing = [_beside(update_batch_progress, done, summary.requests, summary.requests)]
+    closing = []
+    if shown != [(summary.requests, summary.requests)]:  # not already all done
+        progress = opening.progress().result()
+        closing.append(_beside(update_batch_progress, progress, summary.requests, summary.requests))
     cost_rows = [
         ("Estimated cost", estimate.summary_line(run.completion_window)),
         ("Actual cost", f"{format_usd(cost.total_usd)} ({cost.window}; {cost.price_source})"),

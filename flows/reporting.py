@@ -14,9 +14,11 @@ resource ``kluster.batch.<batch id>``.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -112,11 +114,11 @@ def create_batch_progress(total: int, key: str | None = PROGRESS_KEY) -> UUID | 
         return None
 
 
-def update_batch_progress(artifact_id: UUID | None, done: int, total: int) -> None:
-    """Set the progress artifact to ``done`` of ``total`` (as a percentage). A no-op when
-    ``artifact_id`` is None or outside a run."""
+def update_batch_progress(artifact_id: UUID | None, done: int, total: int) -> bool:
+    """Set the progress artifact to ``done`` of ``total`` (as a percentage); True if the
+    Prefect server took it. A no-op (False) when ``artifact_id`` is None or outside a run."""
     if artifact_id is None or not in_run():
-        return
+        return False
     try:
         # Prefect's update_progress_artifact makes a new client (and TLS context) a call.
         update = ArtifactUpdate(
@@ -126,6 +128,8 @@ def update_batch_progress(artifact_id: UUID | None, done: int, total: int) -> No
             client.update_artifact(artifact_id=artifact_id, artifact=update)
     except Exception as exc:
         _warn("update the progress artifact", exc)
+        return False
+    return True
 
 
 # --- run summary ----------------------------------------------------------------------------
@@ -225,16 +229,21 @@ def publish_run_summary(
         return None
     base = artifact_key(key) if key else None
     try:
-        markdown_id = create_markdown_artifact(
-            markdown=summary_markdown(batches, summary, status, extra_rows),
-            key=base,
-            description="kluster.ai batch run summary",
-        )
-        table_id = create_table_artifact(
-            table=shard_rows(batches, summary),
-            key=f"{base}{SHARDS_KEY_SUFFIX}" if base else None,
-            description="kluster.ai batches of this run, one per shard",
-        )
+        # the two go to the server side by side: the run's end waits for both
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kluster-summary") as pool:
+            table = pool.submit(
+                contextvars.copy_context().run,
+                create_table_artifact,
+                table=shard_rows(batches, summary),
+                key=f"{base}{SHARDS_KEY_SUFFIX}" if base else None,
+                description="kluster.ai batches of this run, one per shard",
+            )
+            markdown_id = create_markdown_artifact(
+                markdown=summary_markdown(batches, summary, status, extra_rows),
+                key=base,
+                description="kluster.ai batch run summary",
+            )
+            table_id = table.result()
     except Exception as exc:
         _warn("publish the run summary", exc)
         return None

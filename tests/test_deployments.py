@@ -300,8 +300,10 @@ def _report_from_a_task(batch: BatchInfo) -> bool:
 @flow(name="reporting-check")
 def _reporting_flow(batches: list[BatchInfo], summary: JoinSummary) -> dict:
     progress = reporting.create_batch_progress(total=10)
-    reporting.update_batch_progress(progress, done=4, total=10)
-    reporting.update_batch_progress(progress, done=10, total=10)
+    updated = [
+        reporting.update_batch_progress(progress, done=4, total=10),
+        reporting.update_batch_progress(progress, done=10, total=10),
+    ]
     ids = reporting.publish_run_summary(batches, summary, key="reporting-check")
     submitted = reporting.emit_batch_event(batches[0], "submitted")
     from_task = _report_from_a_task(batches[1])
@@ -311,6 +313,7 @@ def _reporting_flow(batches: list[BatchInfo], summary: JoinSummary) -> dict:
     )
     return {
         "progress": progress,
+        "updated": updated,
         "summary": ids,
         "event": submitted is not None,
         "task_event": from_task,
@@ -332,6 +335,7 @@ def test_reporting_functions_inside_a_flow(stack: Stack) -> None:
     state = _reporting_flow(batches, summary, return_state=True)
     out = state.result()
     assert out["progress"] and out["summary"] and out["event"] and out["task_event"]
+    assert out["updated"] == [True, True]
     assert all(out["tables"])
     run_id = state.state_details.flow_run_id
     artifacts = {a.key: a for a in _artifacts(run_id)}
@@ -384,8 +388,8 @@ def test_reporting_is_a_no_op_outside_a_run() -> None:
     batch = _batch("batch-x", "completed", 0, 1)
     summary = JoinSummary(output_path="x.jsonl", requests=1, succeeded=1)
     assert reporting.create_batch_progress(5) is None
-    assert reporting.update_batch_progress(UUID(int=1), 1, 5) is None
-    assert reporting.update_batch_progress(None, 1, 5) is None
+    assert reporting.update_batch_progress(UUID(int=1), 1, 5) is False
+    assert reporting.update_batch_progress(None, 1, 5) is False
     assert reporting.publish_run_summary([batch], summary) is None
     assert reporting.emit_batch_event(batch, "completed") is None
     assert reporting.publish_batches_table([batch]) is None
