@@ -65,6 +65,7 @@ native_hash_ids: Any = getattr(_native, "hash_ids", None)
 native_join_block: Any = getattr(_native, "join_block", None)
 native_latest_entries: Any = getattr(_native, "LatestEntries", None)
 native_gather_lines: Any = getattr(_native, "gather_lines", None)
+native_lines_start_with: Any = getattr(_native, "lines_start_with", None)
 
 # What decoding a line may raise: msgspec's errors, and UnicodeDecodeError for bytes in a
 # string that are not UTF-8.

@@ -12,7 +12,10 @@ the output, in input order, checking that each is its request's (the compiled mo
 ``gather_lines`` does both in one pass); when the results came in about input order, as they
 usually do, the reads are sequential. When no two requests share a key, each joined line
 is read once, so the scratch pages of lines copied out are freed as the pass goes (the
-output's new pages then reuse them).
+output's new pages then reuse them). When a single result file came complete and in input
+order (kluster's do) and its first pass was made as it downloaded, that pass's scratch file
+already is the output: each line is checked against its request's custom_id on the bytes,
+and the file is renamed into place; no line is copied (``_ResultIndex.in_place``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
+import mmap
 import os
 import shutil
 import sys
@@ -194,6 +199,8 @@ class _ResultIndex:
         self._model_codes: dict[str, int] = {}
         # (first entry, file number) for each file that has entries, in file order.
         self._file_runs: list[tuple[int, int]] = []
+        # (slot, scratch path) of each pass made as its file downloaded that was taken
+        self._adopted: list[tuple[int, str]] = []
         try:
             self._files += [open(self._scratch_paths[0], "w+b"), None]  # noqa: SIM115
             self._scratch_end = 0
@@ -213,10 +220,9 @@ class _ResultIndex:
         self._file_keys = np.frombuffer(self._hashes, dtype=np.int64)
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         # Each key's latest entry in a hash table (the compiled module's), when it is built:
-        # one probe a lookup, where the sorted keys take a binary search.
-        self._latest = None
-        if line_work.native_latest_entries is not None:
-            self._latest = line_work.native_latest_entries(self._hashes.tobytes())
+        # one probe a lookup, where the sorted keys take a binary search. Made at the first
+        # lookup: a join that hands over a pass's scratch file makes none.
+        self._latest: Any = None
         # Set by the join when no two requests share a key: then each joined line is read
         # once at most, and the scratch pages of lines copied out can be freed at once.
         self.release_copied = False
@@ -319,6 +325,7 @@ class _ResultIndex:
         of this index's."""
         base = len(self._files) << _SLOT_BITS
         self._files.append(open(ahead.scratch_path, "r+b"))  # noqa: SIM115 - r+: freed as read
+        self._adopted.append((len(self._files) - 1, ahead.scratch_path))
         blocks = deque(ahead.blocks)
         ahead.blocks = []
         while blocks:  # each block let go once its arrays are the index's: held once
@@ -443,6 +450,8 @@ class _ResultIndex:
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The index entry of each key's latest result, -1 where there is none."""
+        if self._latest is None and line_work.native_latest_entries is not None:
+            self._latest = line_work.native_latest_entries(self._hashes.tobytes())
         if self._latest is not None:
             return np.frombuffer(self._latest.find(keys.tobytes()), dtype=np.int64)
         order, sorted_keys = self._by_key()
@@ -511,6 +520,42 @@ class _ResultIndex:
                     self.release_copied = False  # not on this file system: keep it all
                     return
                 self.released += high - low
+
+    def in_place(self, shards: Sequence[Shard], keys: np.ndarray) -> str | None:
+        """The scratch file that already is the joined output, or None.
+
+        It is when a single result file had its pass made as it downloaded and its results
+        came complete and in input order (kluster's do): ``keys`` (the requests' keys, in
+        order) are the index's keys in file order, every line readable, the joined lines
+        one after another from the file's start to its end, and each line's custom_id is
+        its request's (checked on the bytes, a window at a time: no hash is trusted)."""
+        if len(self._adopted) != 1 or self._helper_end or self._scratch_end or not len(keys):
+            return None
+        slot, path = self._adopted[0]
+        if not np.array_equal(self._file_keys, keys) or (self.kinds == UNREAD).any():
+            return None
+        at = self.starts - (slot << _SLOT_BITS)
+        ends = np.cumsum(self.lengths)
+        if at[0] != 0 or not np.array_equal(at[1:], ends[:-1]):
+            return None
+        fd = self._fds[slot]
+        if int(ends[-1]) != os.fstat(fd).st_size:
+            return None
+        check = line_work.native_lines_start_with
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:  # only lines' heads read
+            done = 0
+            for shard in shards:
+                for json_ids, _ in _read_ids(shard.ids_path):
+                    window = at[done : done + len(json_ids)]
+                    if len(window) < len(json_ids):
+                        return None
+                    if check is not None:
+                        if b"\x00" in check(mapped, window.tobytes(), json_ids):
+                            return None
+                    elif not _lines_start_with(mapped, window, json_ids).all():
+                        return None
+                    done += len(json_ids)
+        return path if done == len(keys) else None
 
     def slow_find(self, json_id: bytes) -> int:
         """The latest entry really for the custom_id ``json_id`` (past hash collisions)."""
@@ -758,9 +803,10 @@ def _discard_passes_ahead() -> None:
         ahead.discard()
 
 
-def _distinct_request_keys(shards: Sequence[Shard]) -> bool:
-    """No two of the shards' custom_ids share an index key (the same id twice, or a
-    collision): the condition for the join to free each line's scratch once copied."""
+def _request_keys(shards: Sequence[Shard], keep_order: bool) -> tuple[bool, np.ndarray | None]:
+    """Whether no two of the shards' custom_ids share an index key (the same id twice, or a
+    collision): the condition for the join to free each line's scratch once copied. And,
+    if ``keep_order``, the keys in input order (for ``_ResultIndex.in_place``)."""
     every = np.empty(sum(shard.lines for shard in shards), dtype=np.int64)
     filled = 0
     for shard in shards:
@@ -773,8 +819,9 @@ def _distinct_request_keys(shards: Sequence[Shard]) -> bool:
             every[filled : filled + len(keys)] = keys
             filled += len(keys)
     every = every[:filled]
+    ordered = every.copy() if keep_order else None
     every.sort()
-    return not bool((every[1:] == every[:-1]).any())
+    return not bool((every[1:] == every[:-1]).any()), ordered
 
 
 class _ParquetSink:
@@ -958,21 +1005,28 @@ def _join_window(
     json_ids: list[bytes],
     ids: list[str] | None,
     counts: _Counts,
-    out: _Writer,
+    out: _Writer | None,
     sink: _ParquetSink | None,
     retry_handle: BinaryIO | None,
+    first: int = 0,
 ) -> None:
-    """Write the joined lines of one window of custom_ids, in their order."""
+    """Write the joined lines of one window of custom_ids, in their order. ``out`` None:
+    they are in place already (``_ResultIndex.in_place``), entries ``first`` on; only
+    counted."""
     count = len(json_ids)
-    entries = index.find(np.frombuffer(_hash_ids(json_ids), dtype=np.int64))
-    hit = entries >= 0
-    data, same = _gathered(index, entries, hit, json_ids)
-    if not same.all():  # a 64-bit hash can collide: look those lines up again
-        entries = entries.copy()
-        for position in np.flatnonzero(hit)[~same].tolist():
-            entries[position] = index.slow_find(json_ids[position])
+    if out is None:
+        entries = np.arange(first, first + count, dtype=np.int64)
+        hit = np.ones(count, dtype=bool)
+    else:
+        entries = index.find(np.frombuffer(_hash_ids(json_ids), dtype=np.int64))
         hit = entries >= 0
         data, same = _gathered(index, entries, hit, json_ids)
+        if not same.all():  # a 64-bit hash can collide: look those lines up again
+            entries = entries.copy()
+            for position in np.flatnonzero(hit)[~same].tolist():
+                entries[position] = index.slow_find(json_ids[position])
+            hit = entries >= 0
+            data, same = _gathered(index, entries, hit, json_ids)
     kinds = np.full(count, -1, dtype=np.int8)
     kinds[hit] = index.kinds[entries[hit]]
     unread = np.flatnonzero(kinds == UNREAD)
@@ -999,6 +1053,12 @@ def _join_window(
             counts.seen[named_codes] = True
     transient = (kinds == TRANSIENT) | ~hit
     counts.retryable += int(np.count_nonzero(transient))
+    if retry_handle is not None and transient.any():
+        retry_handle.write(
+            b"".join(json_ids[i] + b"\n" for i in np.flatnonzero(transient).tolist())
+        )
+    if out is None:
+        return
 
     # The output: requests with no result are joined as not processed, between the lines
     # of the others.
@@ -1021,10 +1081,6 @@ def _join_window(
         decode_line = _joined_decoder.decode
         for line in b"".join(pieces).split(b"\n")[:-1]:
             sink.add(decode_line(line))
-    if retry_handle is not None and transient.any():
-        retry_handle.write(
-            b"".join(json_ids[i] + b"\n" for i in np.flatnonzero(transient).tolist())
-        )
 
 
 class _Writer:
@@ -1062,17 +1118,20 @@ _joined_decoder = msgspec.json.Decoder(JoinedLine)
 def _join_all(
     shards: Sequence[Shard],
     index: _ResultIndex,
-    out: _Writer,
+    out: _Writer | None,
     sink: _ParquetSink | None,
     retry_handle: BinaryIO | None,
     summary: JoinSummary,
 ) -> None:
+    """Join every shard's requests in order (``out`` None: count the lines in place)."""
     by_model = np.zeros((len(index.model_names), 3), dtype=np.int64)
     seen = np.zeros(len(index.model_names), dtype=bool)
+    done = 0
     for shard in shards:
         counts = _Counts(len(index.model_names))
         for json_ids, ids in _read_ids(shard.ids_path):
-            _join_window(index, json_ids, ids, counts, out, sink, retry_handle)
+            _join_window(index, json_ids, ids, counts, out, sink, retry_handle, done)
+            done += len(json_ids)
         prompt, completion, total = counts.tokens.tolist()
         part = ShardSummary(
             index=shard.index,
@@ -1098,6 +1157,18 @@ def _join_all(
         )
         if used
     }
+
+
+def _publish_scratch(scratch_path: str, target: str) -> None:
+    """The pass's scratch file becomes ``target``: renamed, or copied under a temporary name
+    and published where it lies on another file system."""
+    try:
+        storage.publish(scratch_path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(scratch_path, "rb") as source, storage.published(target) as handle:
+            shutil.copyfileobj(source, handle, 1 << 20)
 
 
 def join_result_files(
@@ -1136,22 +1207,32 @@ def join_result_files(
     index = None
     done = False
     try:
-        # whether requests' keys are distinct, found beside the first pass
+        ahead = list(map(take_first_pass_ahead, result_paths))
+        # One result file whose pass was made as it downloaded, for a local output: if its
+        # results came complete and in order, that pass's scratch file is the output.
+        whole = len(ahead) == 1 and ahead[0] is not None and local is not None and not parquet
+        # whether requests' keys are distinct (and, if needed, the keys in order), found
+        # beside the first pass
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-keys") as pool:
-            distinct = pool.submit(_distinct_request_keys, shards)
-            ahead = list(map(take_first_pass_ahead, result_paths))
+            keys = pool.submit(_request_keys, shards, whole)
             index = _ResultIndex(result_paths, scratch, ahead)
-            index.release_copied = distinct.result()
+            distinct, ordered = keys.result()
+        in_place = index.in_place(shards, ordered) if ordered is not None and distinct else None
+        index.release_copied = distinct and in_place is None
         sink = _ParquetSink(parquet_target) if parquet_target is not None else None
         retry_handle = (
             storage.open_file(os.fspath(retry_ids_path), "wb") if retry_ids_path else None
         )
-        with storage.published(target) as handle:
-            out = _Writer(handle)
-            try:
-                _join_all(shards, index, out, sink, retry_handle, summary)
-            finally:
-                out.close()
+        if in_place is not None:  # counted, then moved into place: no line copied
+            _join_all(shards, index, None, None, retry_handle, summary)
+            _publish_scratch(in_place, target)
+        else:
+            with storage.published(target) as handle:
+                out = _Writer(handle)
+                try:
+                    _join_all(shards, index, out, sink, retry_handle, summary)
+                finally:
+                    out.close()
         done = True
     finally:
         if index is not None:

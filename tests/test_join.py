@@ -484,10 +484,11 @@ def test_lines_a_later_window_needs_are_kept_between_freed_ones(tmp_path, monkey
         assert released and freed >= 200 * 4096
 
 
-def test_distinct_request_keys_whatever_the_shards_say_of_their_lines(tmp_path):
+def test_request_keys_whatever_the_shards_say_of_their_lines(tmp_path):
     """The check reads the ids files, not the counts: shards that say they hold no lines
-    are read in full, and an id in two of them is found."""
-    from prefect_kluster.tasks.join import _distinct_request_keys
+    are read in full, and an id in two of them is found; kept in order, the keys are the
+    ids' in input order."""
+    from prefect_kluster.tasks.join import _hash_ids, _request_keys
     from prefect_kluster.tasks.types import Shard
 
     def shard(index: int, ids: list[str]) -> Shard:
@@ -497,7 +498,10 @@ def test_distinct_request_keys_whatever_the_shards_say_of_their_lines(tmp_path):
                      ids_path=str(path))  # fmt: skip
 
     first = shard(0, [f"id-{i}" for i in range(5000)])
-    assert _distinct_request_keys([first])
-    assert _distinct_request_keys([first, shard(1, [f"id-{i}" for i in range(5000, 9000)])])
-    assert not _distinct_request_keys([first, shard(2, ["id-9000", "id-4999"])])
-    assert _distinct_request_keys([])
+    second = shard(1, [f"id-{i}" for i in range(9000, 5000, -1)])
+    assert _request_keys([first], False) == (True, None)
+    distinct, ordered = _request_keys([first, second], True)
+    expected = [json.dumps(f"id-{i}").encode() for i in [*range(5000), *range(9000, 5000, -1)]]
+    assert distinct and ordered.tobytes() == _hash_ids(expected)
+    assert not _request_keys([first, shard(2, ["id-9000", "id-4999"])], False)[0]
+    assert _request_keys([], True)[0]

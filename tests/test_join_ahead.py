@@ -3,6 +3,7 @@ it instead of reading the files again, and its output is the same to the byte.""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -195,3 +196,119 @@ def test_a_run_s_joins_take_the_passes_its_downloads_made(tmp_path, kluster_env,
     assert sorted(reads) == first
     work = tmp_path / "o.jsonl.work"
     assert not [p for p in work.rglob("*") if ".ahead-" in p.name]
+
+
+def _pass_inode(path: Path) -> int:
+    """The inode of the scratch file of the pass made as ``path`` downloaded."""
+    return os.stat(join_module._AHEAD[str(path)].scratch_path).st_ino
+
+
+def _in_order_results(ids: list[str]) -> list[dict]:
+    """Results as kluster writes them: in input order, failures (a 429 worth retrying, a
+    400 that is not) among the answers, in the one output file."""
+    rows = answers(ids)
+    for n in range(5, len(ids), 37):
+        rows[n] = error_line(ids[n], 429, "rate_limit_exceeded")
+    for n in range(11, len(ids), 53):
+        rows[n] = error_line(ids[n], 400, "invalid_request")
+    return rows
+
+
+def test_results_complete_and_in_order_are_handed_over_not_copied(tmp_path, reads):
+    """One result file, its lines in input order: the scratch file of its pass already is
+    the joined output. It becomes the output (the same file: nothing copied), and output,
+    counts and retry list are those of the join that copies, to the byte."""
+    ids = [f"req-{n}" for n in range(400)]
+    shards = make_shards(tmp_path, ids, cap=150)
+    data = encoded(_in_order_results(ids) + [b"", b"  "], crlf_every=7)
+    given = tmp_path / "given.jsonl"
+    given.write_bytes(data)
+    expected = join_result_files(
+        shards, [str(given)], tmp_path / "expected.jsonl", retry_ids_path=tmp_path / "e.ids"
+    )
+    reads.clear()
+    (tmp_path / "fetched").mkdir()
+    fetched = tmp_path / "fetched" / "out.jsonl"
+    downloaded(fetched, data, seed=4)
+    scratch = _pass_inode(fetched)
+    summary = join_result_files(
+        shards, [str(fetched)], tmp_path / "joined.jsonl", retry_ids_path=tmp_path / "j.ids"
+    )
+    assert reads == []
+    assert os.stat(tmp_path / "joined.jsonl").st_ino == scratch  # handed over
+    assert (tmp_path / "joined.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()
+    assert (tmp_path / "j.ids").read_bytes() == (tmp_path / "e.ids").read_bytes()
+    assert summary.model_dump(exclude={"output_path"}) == expected.model_dump(
+        exclude={"output_path"}
+    )
+    assert (summary.failed, summary.retryable) == (11 + 8, 11)
+    assert [s.requests for s in summary.shards] == [150, 150, 100]
+    assert os.listdir(tmp_path / "fetched") == ["out.jsonl"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("change", ["swapped", "missing", "extra", "same key, other id"])
+def test_results_out_of_order_or_not_the_requests_are_joined_by_copying(
+    tmp_path, reads, monkeypatch, change
+):
+    """The hand-over takes nothing on trust: two lines swapped, one missing, one more than
+    the requests, or a line whose custom_id is not its request's though its 64-bit key is
+    (a collision, made here): the join copies, and the output is right."""
+    ids = [f"req-{n}" for n in range(300)]
+    shards = make_shards(tmp_path, ids, cap=1000)
+    rows = _in_order_results(ids)
+    if change == "swapped":
+        rows[40], rows[41] = rows[41], rows[40]
+    elif change == "missing":
+        del rows[123]
+    elif change == "extra":
+        rows.append(ok_line("req-7", "a second answer"))
+    else:  # "x-9" has the key of "req-9"
+        monkeypatch.setattr(
+            join_module, "_id_hash", lambda json_id: hash(json_id.replace(b'"x-', b'"req-'))
+        )
+        rows[9] = ok_line("x-9", "not req-9's")
+    data = encoded(rows, crlf_every=5)
+    given = tmp_path / "given.jsonl"
+    given.write_bytes(data)
+    join_result_files(shards, [str(given)], tmp_path / "expected.jsonl")
+    fetched = tmp_path / "out.jsonl"
+    downloaded(fetched, data, seed=9)
+    scratch = _pass_inode(fetched)
+    summary = join_result_files(shards, [str(fetched)], tmp_path / "joined.jsonl")
+    assert os.stat(tmp_path / "joined.jsonl").st_ino != scratch  # copied
+    assert (tmp_path / "joined.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()
+    joined = [json.loads(line) for line in open(tmp_path / "joined.jsonl", encoding="utf-8")]
+    assert [row["custom_id"] for row in joined] == ids
+    if change == "missing":
+        assert joined[123]["error"]["code"] == "not_processed" and summary.retryable == 9
+    if change == "same key, other id":
+        assert joined[9]["error"]["code"] == "not_processed"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_hand_over_to_another_file_system_copies_the_scratch_file(tmp_path, monkeypatch):
+    """Where the output lies on another file system than the work folder, the scratch file
+    cannot be renamed into place: it is copied under a temporary name, then published."""
+    ids = [f"req-{n}" for n in range(200)]
+    shards = make_shards(tmp_path, ids)
+    data = encoded(_in_order_results(ids))
+    given = tmp_path / "given.jsonl"
+    given.write_bytes(data)
+    join_result_files(shards, [str(given)], tmp_path / "expected.jsonl")
+    fetched = tmp_path / "out.jsonl"
+    downloaded(fetched, data, seed=2)
+    moved: list[str] = []
+    publish = join_module.storage.publish
+
+    def across_devices(tmp: str, path: str) -> None:
+        if ".ahead-" in tmp:
+            moved.append(tmp)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        publish(tmp, path)
+
+    monkeypatch.setattr(join_module.storage, "publish", across_devices)
+    join_result_files(shards, [str(fetched)], tmp_path / "joined.jsonl")
+    assert len(moved) == 1
+    assert (tmp_path / "joined.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))

@@ -10,6 +10,7 @@ for the join's first pass: a block the compiled pass takes must come out byte fo
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import sys
@@ -765,10 +766,11 @@ def test_the_latest_entry_table_finds_what_the_sorted_keys_find():
     assert np.frombuffer(native.LatestEntries(b"").find(wanted.tobytes()), np.int64).max() == -1
 
 
-def test_gathering_a_window_agrees_with_the_python_check():
+def test_gathering_a_window_agrees_with_the_python_check(tmp_path):
     """The second pass's copy: the lines in the order asked, and per line whether it
     starts with its own id (what ``join._lines_start_with`` answers), collisions included;
-    lines outside the buffer are refused, not read."""
+    lines outside the buffer are refused, not read. The same check without the copy, on a
+    memory map, answers the same."""
     import numpy as np
 
     from prefect_kluster.tasks.join import _lines_start_with
@@ -800,6 +802,19 @@ def test_gathering_a_window_agrees_with_the_python_check():
         )
     with pytest.raises(ValueError):
         native.gather_lines(buffer, at[:2].tobytes(), sizes[:2].tobytes(), [ids[0]])
+
+    # the check alone, on a memory map of the lines as a file (the join's hand-over)
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(buffer)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        checked = native.lines_start_with(m, at[picked].tobytes(), wanted)
+        assert (np.frombuffer(checked, dtype=bool) == expected).all()
+        # offsets past the end (or before the start) are lines that are not there
+        far = array("q", [len(buffer) - 3, len(buffer) + 10, -1]).tobytes()
+        assert native.lines_start_with(m, far, [ids[299]] * 3) == b"\x00\x00\x00"
+        with pytest.raises(ValueError):
+            native.lines_start_with(m, at[:2].tobytes(), [ids[0]])
+    assert native.lines_start_with(buffer, at[:1].tobytes(), [ids[0]]) == b"\x01"
 
 
 def test_the_joined_lines_come_as_a_read_only_buffer(tmp_path):

@@ -279,6 +279,7 @@ fn _native(_py: Python<'_>, module: &PyModule) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(hash_ids, module)?)?;
     module.add_function(wrap_pyfunction!(results::join_block, module)?)?;
     module.add_function(wrap_pyfunction!(results::gather_lines, module)?)?;
+    module.add_function(wrap_pyfunction!(results::lines_start_with, module)?)?;
     module.add_class::<results::LatestEntries>()?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -767,15 +768,62 @@ pub(crate) fn gather_lines(
                 let line = &buffer[start..start + size];
                 out[to..to + size].copy_from_slice(line);
                 to += size;
-                let head = JOINED_HEAD.len();
-                *same = (line.starts_with(JOINED_HEAD)
-                    && line[head..].starts_with(id)
-                    && line.get(head + id.len()) == Some(&b',')) as u8;
+                *same = is_line_of(line, id) as u8;
             }
         });
         Ok(())
     })?;
     Ok((lines, PyBytes::new(py, &same)).into_py(py))
+}
+
+/// `lines_start_with(buffer, at, ids) -> bytes`: per joined line (at offset `at[i]` of
+/// `buffer`, an `array("q")`'s bytes), 1 if it is the line of the JSON custom_id `ids[i]`,
+/// else 0. `buffer` is any C-contiguous buffer (a memory map of a scratch file: only the
+/// lines' heads are read); an offset past its end is a line that is not there.
+#[pyfunction]
+pub(crate) fn lines_start_with(
+    py: Python<'_>,
+    buffer: &PyAny,
+    at: &PyBytes,
+    ids: &PyList,
+) -> PyResult<PyObject> {
+    let view = PyBuffer::<u8>::get(buffer)?;
+    if !view.is_c_contiguous() {
+        return Err(PyValueError::new_err("the buffer is not contiguous"));
+    }
+    // Safety: a C-contiguous buffer of `len_bytes` bytes, held (and not written by this
+    // function) until `view` is dropped at the end of it.
+    let buffer: &[u8] =
+        unsafe { std::slice::from_raw_parts(view.buf_ptr() as *const u8, view.len_bytes()) };
+    let starts: Vec<i64> = i64s(at.as_bytes()).collect();
+    if at.as_bytes().len() % 8 != 0 || starts.len() != ids.len() {
+        return Err(PyValueError::new_err("one offset a custom_id is needed"));
+    }
+    let ids = ids
+        .iter()
+        .map(|id| Ok(id.downcast::<PyBytes>()?.as_bytes()))
+        .collect::<PyResult<Vec<&[u8]>>>()?;
+    let mut same = vec![0u8; starts.len()];
+    py.allow_threads(|| {
+        for ((&start, id), same) in starts.iter().zip(&ids).zip(same.iter_mut()) {
+            let line = usize::try_from(start)
+                .ok()
+                .and_then(|start| buffer.get(start..))
+                .unwrap_or(&[]);
+            *same = is_line_of(line, id) as u8;
+        }
+    });
+    drop(view);
+    Ok(PyBytes::new(py, &same).into_py(py))
+}
+
+/// Whether a joined line (or what follows its start) is the one for the JSON custom_id `id`:
+/// it starts with `{"custom_id":<id>,`.
+fn is_line_of(line: &[u8], id: &[u8]) -> bool {
+    let head = JOINED_HEAD.len();
+    line.starts_with(JOINED_HEAD)
+        && line[head..].starts_with(id)
+        && line.get(head + id.len()) == Some(&b',')
 }
 
 /// How every joined line starts.
