@@ -242,24 +242,30 @@ def batch_inference(
             prompt_column=requests.prompt_column,
             template=requests.template,
         )
-    allowed = [m.id for m in list_models(credentials)] if run.check_models else None
     windows = list(dict.fromkeys([run.completion_window, *WINDOWS]))
-    # The service's prices and its batch list (a rerun's batches, to reuse) are read while
-    # the file is checked: their round trips and the first client's TLS context (40-55 ms
-    # of CPU) are not on the run's path.
+    # The service's models, prices and batch list (a rerun's batches, to reuse) are read
+    # while the file is checked: their round trips and the first client's TLS context
+    # (40-55 ms of CPU) are not on the run's path. The models are checked once it is read.
+    allowed = None
+    if run.check_models:
+        allowed = _PRICES.submit(contextvars.copy_context().run, _model_ids, credentials)
     prices = _PRICES.submit(_service_prices, credentials, run.prices)  # a future
     existing = None
     if not run.resubmit and not run.estimate_only:
         existing = find_existing_batches.submit(credentials, since=None)
-    shards, estimate = validate_shard_and_estimate(
-        source,
-        storage.join(work, "shards"),
-        prices,
-        limits.max_file_bytes,
-        limits.max_requests_per_file,
-        allowed,
-        windows,
-    )
+    try:
+        shards, estimate = validate_shard_and_estimate(
+            source,
+            storage.join(work, "shards"),
+            prices,
+            limits.max_file_bytes,
+            limits.max_requests_per_file,
+            allowed,
+            windows,
+        )
+    finally:
+        if allowed is not None:  # its task run ends before this run does, whatever happens
+            allowed.exception()
     opening = _OpeningReports(estimate, sum(s.lines for s in shards))
     reports = opening.futures
     try:
@@ -435,6 +441,11 @@ def _beside(report: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any
 # Its own threads, not the reporting ones: a slow model listing (up to the client's
 # timeout and retries) holds up no run's artifacts.
 _PRICES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kluster-prices")
+
+
+def _model_ids(credentials: KlusterCredentials) -> list[str]:
+    """The ids of the models the service offers (the list-models task run)."""
+    return [model.id for model in list_models(credentials)]
 
 
 def _service_prices(

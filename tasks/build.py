@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import shutil
 import struct
+import tempfile
 import uuid
 from array import array
 from bisect import bisect_left, bisect_right
@@ -787,6 +789,29 @@ def validate_and_shard(
     return shards
 
 
+def _refuse_models_not_offered(
+    source: str,
+    tally: RequestTally,
+    offered: list[str],
+    max_file_bytes: int,
+    max_requests_per_file: int | None,
+) -> None:
+    """The file was checked before the service's model list came: if it names a model the
+    service does not offer, a check that knows the list names its lines (into a folder
+    thrown away), as it would have in the first place."""
+    unknown = sorted(set(tally.models) - set(offered))
+    if not unknown:
+        return
+    scratch = tempfile.mkdtemp(prefix="kluster-model-check-")
+    try:
+        shard_request_file(source, scratch, max_file_bytes, max_requests_per_file, offered)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    raise RequestFileError(  # not reached: that check refuses the same lines
+        source, [LineProblem(1, f"unknown model(s) {', '.join(map(repr, unknown))}")]
+    )
+
+
 # No cache policy: what it returns depends on the file's bytes, not on its path.
 @task(name="validate-shard-and-estimate", cache_policy=NONE)
 def validate_shard_and_estimate(
@@ -795,16 +820,26 @@ def validate_shard_and_estimate(
     prices: PriceTable | Future[PriceTable],
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_requests_per_file: int | None = None,
-    allowed_models: list[str] | None = None,
+    allowed_models: list[str] | Future[list[str]] | None = None,
     windows: Sequence[str] = WINDOWS,
 ) -> tuple[list[Shard], CostEstimate]:
     """``validate_and_shard`` that also prices the requests, from the same single read of
-    the input: (shards, the cost estimate per model and completion window). ``prices`` may
-    still be coming (a future): it is needed only once the file has been read."""
+    the input: (shards, the cost estimate per model and completion window). ``prices`` and
+    ``allowed_models`` may still be coming (futures): they are needed only once the file
+    has been read."""
+    coming = allowed_models if isinstance(allowed_models, Future) else None
     with replacing_shards(out_dir) as written:
         shards, tally = shard_and_tally(
-            source, out_dir, max_file_bytes, max_requests_per_file, allowed_models
+            source,
+            out_dir,
+            max_file_bytes,
+            max_requests_per_file,
+            None if coming is not None else allowed_models,  # type: ignore[arg-type]
         )
+        if coming is not None:
+            _refuse_models_not_offered(
+                source, tally, coming.result(), max_file_bytes, max_requests_per_file
+            )
         written += shards
     table = prices.result() if isinstance(prices, Future) else prices
     estimate = estimate_cost(tally, table, windows)

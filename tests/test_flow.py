@@ -33,7 +33,7 @@ from tests.helpers import (
     requests,
     write_jsonl,
 )
-from tests.server import copy_of, wait_for
+from tests.server import copy_of, recorded_task_runs, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,6 +199,33 @@ def test_malformed_file_is_refused_before_any_upload(tmp_path, kluster_env):
         batch_inference(input_path=str(src), output_path=str(tmp_path / "o.jsonl"))
     assert kluster_env.stats()["requests"].get("POST /v1/files", 0) == 0
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_model_the_service_does_not_offer_is_refused_before_any_upload(tmp_path, kluster_env):
+    """check_models: the file is checked while the model list comes (beside it); a line
+    naming a model the service does not list is then refused by number, nothing uploaded and
+    no shard left, and a file of offered models runs through."""
+    rows = requests(3) + [request("other", model="no/such-model")] + requests(2, prefix="b-")
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(RequestFileError, match=r"line 4: unknown model 'no/such-model'"):
+        batch_inference(
+            input_path=str(src), output_path=str(tmp_path / "o.jsonl"), run={"check_models": True}
+        )
+    calls = kluster_env.stats()["requests"]
+    assert calls.get("GET /v1/models", 0) >= 1 and calls.get("POST /v1/files", 0) == 0
+    assert not list((tmp_path / "o.jsonl.work").rglob("*.jsonl"))
+    assert not list(tmp_path.glob("kluster-model-check-*"))
+
+    src = write_jsonl(tmp_path / "good.jsonl", requests(4))
+    state = batch_inference(
+        input_path=str(src),
+        output_path=str(tmp_path / "good-out.jsonl"),
+        run={"check_models": True, "poll_interval": 0.05},
+        return_state=True,
+    )
+    assert state.result().summary.succeeded == 4
+    names = [r.name for r in recorded_task_runs(state.state_details.flow_run_id, "join-round")]
+    assert any(name.startswith("list-models") for name in names), names
 
 
 def test_existing_output_is_refused_before_any_upload(tmp_path, kluster_env):
