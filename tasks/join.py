@@ -182,6 +182,7 @@ class _ResultIndex:
         paths: Sequence[str],
         scratch_stem: Path,
         ahead: Sequence[FirstPassAhead | None] = (),
+        lookups_now: bool = True,
     ):
         self.paths = list(paths)
         self._scratch_paths = [
@@ -220,9 +221,12 @@ class _ResultIndex:
         self._file_keys = np.frombuffer(self._hashes, dtype=np.int64)
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         # Each key's latest entry in a hash table (the compiled module's), when it is built:
-        # one probe a lookup, where the sorted keys take a binary search. Made at the first
-        # lookup: a join that hands over a pass's scratch file makes none.
+        # one probe a lookup, where the sorted keys take a binary search. Made here (beside
+        # the join's check of the requests' keys) unless ``lookups_now`` is False: then at
+        # the first lookup, and a join that hands over a pass's scratch file makes none.
         self._latest: Any = None
+        if lookups_now:
+            self._lookups()
         # Set by the join when no two requests share a key: then each joined line is read
         # once at most, and the scratch pages of lines copied out can be freed at once.
         self.release_copied = False
@@ -448,10 +452,13 @@ class _ResultIndex:
             self._sorted = (order, self._file_keys[order])
         return self._sorted
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """The index entry of each key's latest result, -1 where there is none."""
+    def _lookups(self) -> None:
         if self._latest is None and line_work.native_latest_entries is not None:
             self._latest = line_work.native_latest_entries(self._hashes.tobytes())
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The index entry of each key's latest result, -1 where there is none."""
+        self._lookups()
         if self._latest is not None:
             return np.frombuffer(self._latest.find(keys.tobytes()), dtype=np.int64)
         order, sorted_keys = self._by_key()
@@ -1215,7 +1222,7 @@ def join_result_files(
         # beside the first pass
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="join-keys") as pool:
             keys = pool.submit(_request_keys, shards, whole)
-            index = _ResultIndex(result_paths, scratch, ahead)
+            index = _ResultIndex(result_paths, scratch, ahead, lookups_now=not whole)
             distinct, ordered = keys.result()
         in_place = index.in_place(shards, ordered) if ordered is not None and distinct else None
         index.release_copied = distinct and in_place is None
