@@ -755,10 +755,7 @@ pub(crate) fn gather_lines(
     {
         return Err(PyValueError::new_err("the lines are not all in the buffer"));
     }
-    let ids = ids
-        .iter()
-        .map(|id| Ok(id.downcast::<PyBytes>()?.as_bytes()))
-        .collect::<PyResult<Vec<&[u8]>>>()?;
+    let ids = byte_strings(ids)?;
     let total: usize = spans.iter().map(|&(_, size)| size).sum();
     let mut same = vec![0u8; spans.len()];
     let lines = PyBytes::new_with(py, total, |out| {
@@ -799,10 +796,7 @@ pub(crate) fn lines_start_with(
     if at.as_bytes().len() % 8 != 0 || starts.len() != ids.len() {
         return Err(PyValueError::new_err("one offset a custom_id is needed"));
     }
-    let ids = ids
-        .iter()
-        .map(|id| Ok(id.downcast::<PyBytes>()?.as_bytes()))
-        .collect::<PyResult<Vec<&[u8]>>>()?;
+    let ids = byte_strings(ids)?;
     let mut same = vec![0u8; starts.len()];
     py.allow_threads(|| {
         for ((&start, id), same) in starts.iter().zip(&ids).zip(same.iter_mut()) {
@@ -815,6 +809,13 @@ pub(crate) fn lines_start_with(
     });
     drop(view);
     Ok(PyBytes::new(py, &same).into_py(py))
+}
+
+/// The items of a list of `bytes` (JSON custom_ids), borrowed.
+fn byte_strings(ids: &PyList) -> PyResult<Vec<&[u8]>> {
+    ids.iter()
+        .map(|id| Ok(id.downcast::<PyBytes>()?.as_bytes()))
+        .collect()
 }
 
 /// Whether a joined line (or what follows its start) is the one for the JSON custom_id `id`:
