@@ -374,7 +374,7 @@ def wait_for_kluster_batch_job(run: KlusterBatchJobRun) -> BatchInfo:
     return run.wait_for_completion()
 
 
-@task(name="fetch-kluster-batch-job-result", **RETRY_OPTIONS, **_STEP_OPTIONS)
+@task(name="fetch-kluster-batch-job-result", **{**RETRY_OPTIONS, **_STEP_OPTIONS})
 def fetch_kluster_batch_job_result(run: KlusterBatchJobRun) -> JobResult:
     """Download the result lines (retried on transient errors: it only reads)."""
     return run.fetch_result()

@@ -31,7 +31,7 @@ import fsspec
 import msgspec
 import numpy as np
 from prefect import task
-from prefect.cache_policies import NONE
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from prefect_kluster.tasks import _lines as line_work
@@ -711,7 +711,7 @@ def write_request_lines(requests: Iterable[dict[str, Any]], path: str | os.PathL
     return count
 
 
-@task(name="build-request-file")
+@task(name="build-request-file", cache_policy=NO_CACHE)
 def build_request_file(
     path: str,
     requests: list[dict[str, Any]] | None = None,
@@ -769,7 +769,7 @@ def replacing_shards(out_dir: str) -> Iterator[list[Shard]]:
                 storage.remove(old)
 
 
-@task(name="validate-and-shard")
+@task(name="validate-and-shard", cache_policy=NO_CACHE)
 def validate_and_shard(
     source: str,
     out_dir: str,
@@ -812,8 +812,7 @@ def _refuse_models_not_offered(
     )
 
 
-# No cache policy: what it returns depends on the file's bytes, not on its path.
-@task(name="validate-shard-and-estimate", cache_policy=NONE)
+@task(name="validate-shard-and-estimate", cache_policy=NO_CACHE)
 def validate_shard_and_estimate(
     source: str,
     out_dir: str,

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 import msgspec
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
@@ -1262,7 +1263,7 @@ def parquet_path_for(output_path: str) -> str:
     return storage.join(storage.parent(output_path), f"{stem}.parquet")
 
 
-@task(name="join-results")
+@task(name="join-results", cache_policy=NO_CACHE)
 def join_results(
     shards: list[Shard],
     result_paths: list[str],

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
@@ -54,8 +55,12 @@ def api_error_message(exc: BaseException) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
-# Keyword arguments shared by every task that calls the service.
+# Keyword arguments shared by every task that calls the service. No cache policy: each call
+# is a side effect or a fresh read (a cached submit would skip a batch the caller means to
+# pay for; a cached wait would return an old status), and without one a task run starts
+# with no cache key to compute and no cache record to look up.
 RETRY_OPTIONS: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
     "retries": TASK_RETRIES,
     "retry_delay_seconds": TASK_RETRY_DELAYS,
     "retry_jitter_factor": TASK_RETRY_JITTER,

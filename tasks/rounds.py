@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import msgspec
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from prefect_kluster.tasks import storage
@@ -14,7 +15,7 @@ from prefect_kluster.tasks.schema import JoinedLine
 from prefect_kluster.tasks.types import Shard
 
 
-@task(name="join-round")
+@task(name="join-round", cache_policy=NO_CACHE)
 def join_round(
     shards: list[Shard], result_paths: list[str], joined_path: str, retry_ids_path: str
 ) -> JoinSummary:
@@ -32,7 +33,7 @@ def join_round(
     return summary
 
 
-@task(name="build-retry-shards")
+@task(name="build-retry-shards", cache_policy=NO_CACHE)
 def build_retry_shards(
     shards: list[Shard],
     retry_ids_path: str,

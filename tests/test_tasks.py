@@ -473,3 +473,28 @@ def test_busy_prefect_server_answers_are_retried_within_milliseconds():
     assert response.status_code == 204
     assert seen == ["/api/variables/name/kluster_claim_x_0"] * 4
     assert took < 1.5, f"{took:.2f} s for three busy answers"  # Prefect's own: 2 + 4 + 8 s
+
+
+def test_no_task_is_ever_served_from_prefects_cache():
+    """Every task of the package runs each time it is called: a cached upload or submit
+    would skip a batch the caller means to pay for, a cached wait would return an old
+    status, a cached join an old file. (Without a cache policy a task run also starts
+    with no cache key to hash and no cache record to look up.)"""
+    import importlib
+    import pkgutil
+
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    found = {}
+    for package in ("tasks", "flows"):
+        root = importlib.import_module(f"prefect_kluster.{package}")
+        for info in pkgutil.iter_modules(root.__path__):
+            module = importlib.import_module(f"{root.__name__}.{info.name}")
+            for value in vars(module).values():
+                if isinstance(value, Task) and value.__module__ == module.__name__:
+                    found[value.name] = value.cache_policy
+    # the lifecycle's tasks are all there, so the check below covers them
+    assert {"upload-shard", "submit-shard", "wait-for-batch", "join-round"} <= set(found)
+    cached = sorted(name for name, policy in found.items() if policy is not NO_CACHE)
+    assert cached == [], f"tasks with a cache policy: {cached}"
