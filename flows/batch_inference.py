@@ -280,12 +280,18 @@ def batch_inference(
         _reported(reports())
         raise
 
-    shown: list[tuple[int, int]] = []  # what the progress artifact says, once it says it
+    # what the progress artifact says (it is made saying 0 of the file's requests), so a
+    # poll that changes nothing in it sends nothing: a batch seen validating (the service
+    # has counted none yet) or starting (0 of the same total) is no update
+    shown: list[tuple[int, int]] = [(0, opening.total_lines)]
 
     def show_progress(board: dict[str, BatchInfo]) -> None:
+        progress_made = opening.progress()  # the opening reports go now, if not yet
         counts = summed_counts(board.values())
-        progress = opening.progress().result()
         done, total = counts.completed + counts.failed, counts.total
+        if total == 0 or [(done, total)] == shown:
+            return
+        progress = progress_made.result()
         shown[:] = [(done, total)] if update_batch_progress(progress, done, total) else []
 
     watch_progress(show_progress)
@@ -465,7 +471,7 @@ class _OpeningReports:
 
     def __init__(self, estimate: CostEstimate, total_lines: int):
         self._estimate = estimate
-        self._total_lines = total_lines
+        self.total_lines = total_lines
         self._context = contextvars.copy_context()  # the run's: its artifacts are the run's
         self._lock = threading.Lock()
         self._sent: list[Future[Any]] = []
@@ -476,7 +482,7 @@ class _OpeningReports:
             if not self._sent:
                 for report, arg in (
                     (publish_cost_estimate, self._estimate),
-                    (create_batch_progress, self._total_lines),
+                    (create_batch_progress, self.total_lines),
                 ):
                     self._sent.append(_REPORTING.submit(self._context.copy().run, report, arg))
             return list(self._sent)

@@ -81,6 +81,41 @@ def test_progress_is_reported_every_few_seconds_however_often_the_run_polls(
     assert updates[-1][1:] == (150, 150)
 
 
+def test_the_progress_artifact_comes_at_once_and_is_updated_only_when_it_would_change(
+    tmp_path, kluster_env, monkeypatch
+):
+    """Made while the batch still waits to be validated (a queue can hold it for hours),
+    saying 0 of the file's requests; polls that would say the same (the service has counted
+    nothing yet, or 0 of the same total) send no update."""
+    flow_module = importlib.import_module("prefect_kluster.flows.batch_inference")
+    kluster_env.configure(stage_delay=1.5, lines_per_second=40)  # polls see `validating`
+    made: list[tuple[int, list[str]]] = []
+    updates: list[tuple[int, int]] = []
+    create, update = flow_module.create_batch_progress, flow_module.update_batch_progress
+
+    def creating(total):
+        made.append((total, [b["status"] for b in kluster_env.stats()["batches"]]))
+        return create(total)
+
+    def updating(progress_id, done, total):
+        updates.append((done, total))
+        return update(progress_id, done, total)
+
+    monkeypatch.setattr(flow_module, "create_batch_progress", creating)
+    monkeypatch.setattr(flow_module, "update_batch_progress", updating)
+    src = write_jsonl(tmp_path / "in.jsonl", requests(80))
+    result = batch_inference(
+        input_path=str(src),
+        output_path=str(tmp_path / "o.jsonl"),
+        run={"poll_interval": 0.05, "max_poll_interval": 0.05},
+    )
+    assert result.summary.succeeded == 80
+    assert made == [(80, ["validating"])]  # at the first poll, not once the batch moved
+    assert updates and updates[-1] == (80, 80)
+    assert all(total == 80 and done > 0 for done, total in updates), updates
+    assert len(set(updates)) == len(updates), updates  # never the same thing twice
+
+
 def _batch_half_done(client, path, lines: int) -> str:
     """A batch of ``path`` made through the SDK, returned once it has run for a while."""
     with open(path, "rb") as handle:
