@@ -56,9 +56,12 @@ def api_error_message(exc: BaseException) -> str:
 
 
 # Keyword arguments shared by every task that calls the service. No cache policy: each call
-# is a side effect or a fresh read (a cached submit would skip a batch the caller means to
-# pay for; a cached wait would return an old status), and without one a task run starts
-# with no cache key to compute and no cache record to look up.
+# is a side effect or a fresh read. With results persisted (a Prefect setting a user may
+# turn on), Prefect's default policy would answer a second call with the same inputs in
+# the same run from the first one's result: a second submit_batch of one file would make
+# no batch, a list or a status read would be stale. What a rerun may reuse, the run's
+# journal and the service tell (tasks.journal, tasks.submit). Without a policy a task run
+# also starts with no cache key to hash and no cache record to look up.
 RETRY_OPTIONS: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "retries": TASK_RETRIES,

@@ -475,11 +475,29 @@ def test_busy_prefect_server_answers_are_retried_within_milliseconds():
     assert took < 1.5, f"{took:.2f} s for three busy answers"  # Prefect's own: 2 + 4 + 8 s
 
 
+def test_a_second_submit_of_one_file_in_a_run_makes_a_second_batch(credentials, emulator, tmp_path):
+    """With results persisted (a setting users turn on), Prefect's default cache policy
+    would answer the second call from the first one's result: one batch, not two."""
+    from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+
+    path = run_task(build_request_file, str(tmp_path / "req.jsonl"), requests=requests(3))
+    file_id = run_task(upload_file, credentials, path)
+
+    @flow
+    def submit_twice():
+        return submit_batch(credentials, file_id), submit_batch(credentials, file_id)
+
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        first, second = submit_twice()
+    assert first.id != second.id
+    assert len(emulator.stats()["batches"]) == 2
+
+
 def test_no_task_is_ever_served_from_prefects_cache():
-    """Every task of the package runs each time it is called: a cached upload or submit
-    would skip a batch the caller means to pay for, a cached wait would return an old
-    status, a cached join an old file. (Without a cache policy a task run also starts
-    with no cache key to hash and no cache record to look up.)"""
+    """Every task of the package runs each time it is called, even with results persisted:
+    a second submit_batch of one file in a run makes a second batch, a second listing reads
+    the service again, a join reads the files as they are now. (Without a cache policy a
+    task run also starts with no cache key to hash and no cache record to look up.)"""
     import importlib
     import pkgutil
 
