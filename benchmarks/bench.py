@@ -469,6 +469,13 @@ def bench_e2e(report: Report, work: Path, source: Path, n: int, pairs: int) -> N
         f"{base['seconds'] - emu_base:.2f} s",
         flush=True,
     )
+    if ours.get("server_cpu_seconds"):  # a temporary server, a process of this machine's
+        print(
+            f"  the Prefect server's CPU during the flow's run: "
+            f"{ours['server_cpu_seconds']:.2f} s (on the same {os.cpu_count()} CPUs as the "
+            "emulator; the guide's script runs with no server)",
+            flush=True,
+        )
     print_timelines(base, ours)
     slowest = max(ourses, key=lambda r: r["seconds"])
     if slowest["seconds"] > SLOW_TURN * ours["seconds"]:  # a stall the median hides: where?
