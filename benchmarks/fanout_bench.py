@@ -62,6 +62,7 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from data import write_realistic_requests  # noqa: E402
+from steps import proc_stat  # noqa: E402
 
 from tests.production import (  # noqa: E402
     MACHINE_ENV,
@@ -92,7 +93,6 @@ BATCH_DEPLOYMENT = "kluster-batch-inference/batch"
 GROUP_DEPLOYMENT_NAME = "kluster-shard-group"  # SHARD_GROUP_DEPLOYMENT is flow/this
 API_KEY = "kluster-bench-key"  # the emulator's, on 127.0.0.1 only
 PAGE = os.sysconf("SC_PAGE_SIZE")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def mb(size: float) -> float:
@@ -108,13 +108,8 @@ def run_timeout(n: int) -> float:
 
 def _stat(pid: str) -> tuple[int, float, str] | None:
     """(start time in ticks, CPU seconds user+system, state) of a process, None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # After the command: state is field 3 of stat(5); utime 14, stime 15, starttime 22.
-    return int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS, fields[0]
+    stat = proc_stat(pid)
+    return None if stat is None else stat[1:]
 
 
 def _rss(pid: str) -> int:

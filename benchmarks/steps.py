@@ -46,33 +46,37 @@ def _hwm_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int | str) -> tuple[int, int, float, str] | None:
+    """(parent pid, start time in ticks, CPU seconds user+system, state) of a process from
+    /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command: state is field 3 of stat(5), ppid 4; utime 14, stime 15, start 22.
+    return int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS, fields[0]
+
+
 def _children_cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by this process's child processes that are
     still running (the temporary Prefect server of ``prefect_backend``), from /proc; 0
     where there is none or no /proc. Read twice around a run, not by a thread: a watcher
     would take CPU the guide's script does not pay."""
-    tick = os.sysconf("SC_CLK_TCK")
-    me, total = os.getpid(), 0.0
     try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return 0.0
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for name in pids:
-        try:
-            with open(f"/proc/{name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(name)] = int(fields[1])
-        times[int(name)] = (int(fields[11]) + int(fields[12])) / tick
-    for pid in times:
-        ancestor = parents.get(pid)
-        while ancestor is not None and ancestor != me and ancestor > 1:
-            ancestor = parents.get(ancestor)
-        if ancestor == me:
-            total += times[pid]
+    stats = {pid: stat for pid in pids if (stat := proc_stat(pid)) is not None}
+    me, total = os.getpid(), 0.0
+    for parent, _, cpu, _ in stats.values():
+        while parent != me and parent in stats:
+            parent = stats[parent][0]
+        if parent == me:
+            total += cpu
     return total
 
 

@@ -418,11 +418,7 @@ class _ResultIndex:
         self._hashes.frombytes(hashes)
         # each line's start: ``start`` plus the lengths before it (numpy: 20x a generator)
         lengths = np.frombuffer(block.lengths, dtype=np.int64)
-        starts = np.empty(len(lengths), dtype=np.int64)
-        starts[0] = start
-        np.cumsum(lengths[:-1], out=starts[1:])
-        starts[1:] += start
-        self._starts.frombytes(starts.tobytes())
+        self._starts.frombytes((np.cumsum(lengths) - lengths + start).tobytes())
         self._lengths.extend(block.lengths)
         self._kinds.extend(block.kinds)
         self._tokens.extend(block.tokens)
