@@ -70,9 +70,10 @@ from prefect_kluster.tasks.manage import list_models
 from prefect_kluster.tasks.pending import register_pending, unregister_pending
 from prefect_kluster.tasks.progress import forget_run, summed_counts, watch_progress
 from prefect_kluster.tasks.rounds import build_retry_shards, join_round, write_parquet
-from prefect_kluster.tasks.submit import ShardUpload, find_existing_batches
+from prefect_kluster.tasks.submit import (
+    find_existing_batches,
+)
 from prefect_kluster.tasks.types import BatchInfo, RequestCounts, TokenUsage
-from prefect_kluster.tasks.upload import upload_ahead
 from prefect_kluster.tasks.wait import BatchWaitTimeout, poll_pauses
 
 
@@ -96,7 +97,7 @@ class BatchRunResult(BaseModel):
     work_dir: str = ""
     parquet_path: str | None = None
     estimate: CostEstimate | None = Field(
-        None, description="The cost estimate per model and window, made before any batch."
+        None, description="The cost estimate per model and window, made before any upload."
     )
     cost_usd: float | None = Field(
         None, description="Dollars spent: the results' usage times the window's prices."
@@ -252,51 +253,32 @@ def batch_inference(
     existing = None
     if not run.resubmit and not run.estimate_only:
         existing = find_existing_batches.submit(credentials, since=None)
-    # A file the check makes one shard of, unchanged, is uploaded as that shard while it is
-    # checked: its batch is made as soon as the check passes (deleted if it refuses).
-    ahead = None
-    if _uploads_ahead(run, limits):
-        ahead = upload_ahead.submit(
-            credentials,
+    try:
+        shards, estimate = validate_shard_and_estimate(
             source,
-            state.state_dir,
-            state.started,
-            state.nonce,
+            storage.join(work, "shards"),
+            prices,
             limits.max_file_bytes,
             limits.max_requests_per_file,
             allowed,
+            windows,
         )
+    finally:
+        if allowed is not None:  # its task run ends before this run does, whatever happens
+            allowed.exception()
+    opening = _OpeningReports(estimate, sum(s.lines for s in shards))
+    reports = opening.futures
     try:
-        try:
-            shards, estimate = validate_shard_and_estimate(
-                source,
-                storage.join(work, "shards"),
-                prices,
-                limits.max_file_bytes,
-                limits.max_requests_per_file,
-                allowed,
-                windows,
-            )
-        finally:
-            if allowed is not None:  # its task run ends before this run does, whatever happens
-                allowed.exception()
-        opening = _OpeningReports(estimate, sum(s.lines for s in shards))
-        reports = opening.futures
-        try:
-            check_budget(estimate, limits.max_cost, run.completion_window)  # before paying
-            if run.estimate_only:
-                logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
-                _reported(reports())
-                return _estimate_result(estimate, output_path, work)
-            upper = estimate.upper_usd(run.completion_window)
-            reservation = _reserve_budget(work, upper, output_path)
-        except BaseException:
+        check_budget(estimate, limits.max_cost, run.completion_window)  # refused before paying
+        if run.estimate_only:
+            logger.info("Estimate only, nothing paid:\n%s", estimate.to_markdown())
             _reported(reports())
-            raise
+            return _estimate_result(estimate, output_path, work)
+        upper = estimate.upper_usd(run.completion_window)
+        reservation = _reserve_budget(work, upper, output_path)
     except BaseException:
-        state.keep_ahead(_ahead_result(ahead), [])  # refused: the upload goes again
+        _reported(reports())
         raise
-    state.keep_ahead(_ahead_result(ahead), shards)
 
     # what the progress artifact says (it is made saying 0 of the file's requests), so a
     # poll that changes nothing in it sends nothing: a batch seen validating (the service
@@ -514,27 +496,6 @@ def _reported(reports: list[Future[Any]]) -> None:
     """Wait for the run's reports to reach the server."""
     for report in reports:
         report.exception()
-
-
-def _uploads_ahead(run: RunOptions, limits: Limits) -> bool:
-    """Whether the input may be uploaded while it is checked: not when a cost limit could
-    refuse the run (it is refused before any upload), when nothing is to be paid, or when
-    child runs take the shards."""
-    return (
-        run.upload_while_checking
-        and not run.estimate_only
-        and limits.max_cost is None
-        and limits.distribute is None
-        and BudgetSettings().limit() is None
-    )
-
-
-def _ahead_result(ahead: Any) -> ShardUpload | None:
-    """The upload made ahead (its task never raises for the run: it is only a head start)."""
-    if ahead is None:
-        return None
-    result = ahead.result(raise_on_failure=False)
-    return result if isinstance(result, ShardUpload) else None
 
 
 def _reservation_path(work: str) -> str:

@@ -104,12 +104,6 @@ class RunOptions(_Group):
     check_models: bool = Field(
         False, description="Refuse lines whose model is not in the service's model list."
     )
-    upload_while_checking: bool = Field(
-        True,
-        description="Upload a local file that is its own single shard while its lines are "
-        "checked, not after (deleted again if the check refuses it). Never when a cost "
-        "limit is set: a refused run then sends nothing.",
-    )
     resubmit: bool = Field(
         False, description="Make new batches even if the service has batches for these inputs."
     )

@@ -263,7 +263,7 @@ def publish_cost_estimate(estimate: CostEstimate, key: str | None = COST_KEY) ->
         return create_markdown_artifact(
             markdown="# kluster.ai cost estimate\n\n" + estimate.to_markdown() + "\n",
             key=artifact_key(key) if key else None,
-            description="Cost estimate, made before any batch",
+            description="Cost estimate, made before any upload",
         )
     except Exception as exc:
         _warn("publish the cost estimate", exc)

@@ -23,8 +23,6 @@ from prefect_kluster.flows.options import MAX_CONCURRENCY, Limits, RunOptions
 from prefect_kluster.tasks import claims, storage
 from prefect_kluster.tasks.download import download_batch_results
 from prefect_kluster.tasks.submit import (
-    SHA_KEY,
-    ShardUpload,
     identity_key,
     matches,
     reusable,
@@ -32,7 +30,7 @@ from prefect_kluster.tasks.submit import (
     submit_shard,
 )
 from prefect_kluster.tasks.types import BatchInfo, Shard
-from prefect_kluster.tasks.upload import clean_up_uploads, discard_upload, upload_shard
+from prefect_kluster.tasks.upload import clean_up_uploads, upload_shard
 from prefect_kluster.tasks.wait import (
     BatchWaitAborted,
     run_is_ending,
@@ -75,9 +73,6 @@ class ShardRun:
     # The results are joined by this process (not a fan-out child's): each download makes
     # the join's first pass as the bytes arrive (``tasks.join.FirstPassAhead``).
     joins_results: bool = True
-    # Uploads made while the input was checked (``tasks.upload.upload_ahead``), by shard key:
-    # the shard's upload step takes its own instead of uploading.
-    ahead: dict[str, ShardUpload] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> str:
@@ -90,22 +85,6 @@ class ShardRun:
         identity = shard_identity(shard, round_no, self.nonce)
         return next((b for b in known if matches(b, identity) and reusable(b)), None)
 
-    def keep_ahead(self, upload: ShardUpload | None, shards: list[Shard]) -> None:
-        """Keep an upload made while the input was checked if it is the one shard the check
-        made (same bytes: same hash); else delete it and give back its claim."""
-        if upload is None:
-            return
-        if [s.sha256 for s in shards] == [upload.identity[SHA_KEY]]:
-            self.ahead[upload.key] = upload
-        else:
-            discard_upload(self.credentials, upload)
-
-    def discard_ahead(self) -> None:
-        """Delete the uploads made ahead that no shard took (its batch was already there, or
-        the run stopped first)."""
-        while self.ahead:
-            discard_upload(self.credentials, self.ahead.popitem()[1])
-
 
 def run_shards(
     run: ShardRun, shards: list[Shard], round_no: int, known: list[BatchInfo]
@@ -114,10 +93,7 @@ def run_shards(
     them before this returns. If it ends early (cancelled, or a shard failed), the threads
     still waiting on batches stop, so they do not hold the run's process open."""
     with claims.releasing_in_background():
-        try:
-            return _run_shards(run, shards, round_no, known)
-        finally:
-            run.discard_ahead()
+        return _run_shards(run, shards, round_no, known)
 
 
 def _run_shards(
@@ -209,11 +185,7 @@ def _take_shard(
 ) -> _Taken:
     """One shard's lifecycle: upload -> submit (-> wait -> download, when waiting)."""
     identity = shard_identity(shard, round_no, run.nonce)
-    uploaded = run.ahead.pop(identity_key(identity), None) if existing is None else None
-    if uploaded is None:
-        uploaded = upload_shard(
-            run.credentials, shard, identity, run.state_dir, existing, run.started
-        )
+    uploaded = upload_shard(run.credentials, shard, identity, run.state_dir, existing, run.started)
     if run_is_ending():  # another shard failed, or the run was cancelled, meanwhile
         if uploaded.batch is None:
             claims.release(uploaded.key)  # taken by upload_shard, for the submit

@@ -5,9 +5,7 @@ lines are copied to shard files byte for byte, so a 10-million-line input costs 
 memory than a small one (plus 8 bytes a line for the duplicate check). Each line is decoded
 once, by the schema's typed decoder; on large local inputs a helper process decodes part of
 the blocks on a second core (tasks._lines). A block with any problem is gone through again
-a line at a time, which names each problem. Nothing is kept on the service until every line
-has passed (``tasks.upload.upload_ahead`` may send a file the check keeps whole beside the
-check, and deletes it if the check refuses it).
+a line at a time, which names each problem. Nothing is uploaded until every line has passed.
 """
 
 from __future__ import annotations
@@ -73,7 +71,7 @@ class LineProblem:
 
 
 class RequestFileError(ValueError):
-    """The request input is malformed; nothing was paid or kept. ``problems`` names each line."""
+    """The request input is malformed; nothing was uploaded. ``problems`` names each line."""
 
     def __init__(self, source: str, problems: list[LineProblem], more: bool = False):
         self.source = source
@@ -130,28 +128,6 @@ def _size(data: _Data) -> int:
 _PENDING_WRITES = 4
 
 
-def first_lines_pass(data: bytes, models: Iterable[str] | None = None) -> bool:
-    """Whether ``data`` (the first bytes of a request file) holds whole lines and each passes
-    the check: not blank, a request by the schema, an offered model (if ``models`` is
-    given). A first look, not the check: what it passes may still be refused later."""
-    offered = frozenset(models) if models is not None else None
-    lines = data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]
-    for line in lines:
-        try:
-            request = request_decoder.decode(line)
-        except (msgspec.MsgspecError, UnicodeDecodeError):
-            return False
-        if offered is not None and request.body.model not in offered:
-            return False
-    return bool(lines)
-
-
-def shard_stem(index: int, digest: str) -> str:
-    """A shard's file name without its suffix. The content hash is in it: the same shard
-    always has the same name, and its upload is found on the service by it."""
-    return f"shard-{index:05d}-{digest[:16]}"
-
-
 class _ShardFiles:
     """The open shard's files and hash; used only from the writer's helper thread."""
 
@@ -184,7 +160,8 @@ class _ShardFiles:
         self.file.close()
         self.ids.close()
         digest = self.hash.hexdigest()
-        stem = shard_stem(index, digest)
+        # The content hash is in the name: the same shard always has the same identity.
+        stem = f"shard-{index:05d}-{digest[:16]}"
         path = storage.join(self.out_dir, f"{stem}.jsonl")
         ids_path = storage.join(self.out_dir, f"{stem}.ids")
         storage.publish(self._tmp[0], path)

@@ -249,16 +249,6 @@ def acquire(key: str, on_wait: Callable[[Claim], None] | None = None) -> Claim:
         time.sleep(WAIT_STEP)
 
 
-def try_acquire(key: str) -> Claim | None:
-    """The shard's claim if it is free (one call) or already this run's; None if another
-    run holds it (or held it and left it behind): nothing waits or takes over here."""
-    held = _Renewer.holding(key)
-    if held is not None:
-        return held
-    _Releaser.settle(key)
-    return _create(key, 0)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

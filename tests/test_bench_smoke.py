@@ -117,12 +117,9 @@ def test_bench_prints_every_figure(tmp_path):
             r"([a-z][a-z -]+?) ([\d.]+)(?:-([\d.]+))?(?:,|$)", flow_line
         )
     }
-    # A file the check keeps whole is uploaded while it is checked (upload-ahead, beside the
-    # check); both end before the batch is made.
-    upload = "upload-ahead" if "upload-ahead" in runs else "upload-shard"
-    assert runs[upload][1] <= runs["submit-shard"][0], flow_line
     lifecycle = [
         "validate-shard-and-estimate",
+        "upload-shard",
         "submit-shard",
         "wait-for-batch",
         "download-batch-results",
