@@ -106,12 +106,6 @@ def run_timeout(n: int) -> float:
 # --- sampling /proc --------------------------------------------------------------------------
 
 
-def _stat(pid: str) -> tuple[int, float, str] | None:
-    """(start time in ticks, CPU seconds user+system, state) of a process, None if gone."""
-    stat = proc_stat(pid)
-    return None if stat is None else stat[1:]
-
-
 def _rss(pid: str) -> int:
     try:
         with open(f"/proc/{pid}/statm") as handle:
@@ -186,10 +180,11 @@ class Sampler:
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
-            stat = _stat(pid)
-            if stat is None or stat[2] == "Z":
+            stat = proc_stat(pid)
+            if stat is None or stat[3] == "Z":
                 continue
-            key = (pid, stat[0])
+            _, started, cpu, _ = stat
+            key = (pid, started)
             owner = self._owner.get(key)
             if owner is None:
                 owner = self.pids.get(pid) or _machine_of(pid, self.machines)
@@ -199,8 +194,8 @@ class Sampler:
             if not owner:
                 continue
             if first:
-                self._cpu_base[key] = stat[1]  # CPU spent before the run is not the run's
-            self._cpu_last[key] = stat[1]
+                self._cpu_base[key] = cpu  # CPU spent before the run is not the run's
+            self._cpu_last[key] = cpu
             rss[owner] += _rss(pid)
             count[owner] += 1
         for name, usage in self.usage.items():
