@@ -89,6 +89,11 @@ def open_source(source: str | os.PathLike[str]) -> BinaryIO:
 def _line_reason(raw: bytes, line_no: int, err: Exception) -> str:
     if line_no == 1 and raw.startswith(_BOM):
         return "starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without BOM"
+    if not isinstance(err, UnicodeDecodeError):  # msgspec 0.23 reports it as a DecodeError
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:
+            err = bad
     if isinstance(err, UnicodeDecodeError):
         return f"not valid UTF-8 (byte {err.start})"
     text = str(err)
@@ -261,10 +266,10 @@ class _ShardWriter:
         if not count:
             return
         max_bytes, max_lines, target = self.max_bytes, self.max_lines, self.target
-        if (
-            self._open
-            and self._bytes + _size(data) < target
-            and (max_lines is None or self._lines + count <= max_lines)
+        if not self._open:  # a block that fits the new shard whole is not split into lines
+            self._open_next()
+        if self._bytes + _size(data) < target and (
+            max_lines is None or self._lines + count <= max_lines
         ):
             self._put(data, ids, count)
             return
