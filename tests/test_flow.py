@@ -556,3 +556,45 @@ def test_a_flow_run_returns_without_waiting_for_its_heartbeat_thread():
     assert waited > 0.5 and beats == 1, "Prefect's own context waits for the thread's sleep"
     left, beats = _seconds_to_leave(flow_engine._send_heartbeats)
     assert left < 0.5 and beats == 1, f"left after {left:.2f} s"
+
+
+def test_closing_reports_overlap_the_completed_state_and_end_before_the_call_returns(
+    tmp_path, kluster_env, monkeypatch
+):
+    """A completed run's summary artifact is sent while the engine records the run
+    Completed (its hook waits for it), not before: yet the call returns only once it has
+    reached the server. Held until the server shows the run Completed, the report would
+    wait forever (here: fail) if the flow's body waited for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    module = sys.modules["prefect_kluster.flows.batch_inference"]
+    publish = module.publish_run_summary
+    seen: dict[str, object] = {}
+
+    def held_publish(*args, **kwargs):
+        run_id = FlowRunContext.get().flow_run.id
+
+        def completed():
+            with get_client(sync_client=True) as client:
+                return client.read_flow_run(run_id).state.is_completed()
+
+        try:
+            wait_for(completed, 15, "the run's Completed state")
+            seen["completed_first"] = True
+        except Exception as exc:  # a report that fails only logs a warning: record it
+            seen["completed_first"] = exc
+        seen["artifact"] = publish(*args, **kwargs)
+        return seen["artifact"]
+
+    monkeypatch.setattr(module, "publish_run_summary", held_publish)
+    state = batch_inference(
+        output_path=str(tmp_path / "o.jsonl"),
+        requests={"requests": requests(3)},
+        run={"poll_interval": 0.05},
+        return_state=True,
+    )
+    assert state.is_completed()
+    assert seen.get("completed_first") is True, seen.get("completed_first")
+    assert seen.get("artifact") is not None, "the summary was not sent before the call returned"
+    assert not module._CLOSING, "a run's closing reports were left behind"
