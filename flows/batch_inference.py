@@ -168,39 +168,10 @@ def check_paths(
             raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
 
-# A completed run's closing reports (its summary artifact, its last progress update), by
-# flow run id: the run's state hook waits for them, so their round trips overlap the
-# engine's own that records the run Completed instead of coming before it (20-40 ms of
-# every run's end here). The call still returns only once they have reached the server.
-_CLOSING: dict[Any, list[Future[Any]]] = {}
-_CLOSING_LOCK = threading.Lock()
-
-
-def _reported_on_completion(reports: list[Future[Any]]) -> None:
-    """Leave ``reports`` to ``closing_reports_hook`` (outside a flow run: wait now)."""
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        _reported(reports)
-        return
-    with _CLOSING_LOCK:
-        _CLOSING.setdefault(ctx.flow_run.id, []).extend(reports)
-
-
-def closing_reports_hook(flow: Any, flow_run: Any, state: Any) -> None:
-    """on_completion (and on_failure, on_crashed) hook: the run's closing reports have
-    reached the Prefect server before the flow call returns."""
-    with _CLOSING_LOCK:
-        reports = _CLOSING.pop(flow_run.id, [])
-    _reported(reports)
-
-
 @flow(
     name="kluster-batch-inference",
     task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS),
     on_cancellation=[fanout.cancel_child_runs_hook, cancel_remote_batches_hook],
-    on_completion=[closing_reports_hook],
-    on_failure=[closing_reports_hook],
-    on_crashed=[closing_reports_hook],
 )
 def batch_inference(
     input_path: str | None = None,
@@ -430,10 +401,7 @@ def batch_inference(
     )
     emit_run_cost(estimate, cost, output_path)
     unregister_pending(work)
-    if result.status == "completed":
-        _reported_on_completion(reports() + closing)
-    else:
-        _reported(reports() + closing)
+    _reported(reports() + closing)
     logger.info(
         "Batch run %s after %d round(s): %d requests, %d ok, %d failed; %d prompt + %d "
         "completion tokens; cost %s (estimated %s); results in %s",
