@@ -335,9 +335,8 @@ def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
 def test_ui_flows_list_and_cancel(tmp_path, kluster_env):
     kluster_env.configure(lines_per_second=5)
     client = openai.OpenAI(api_key=TEST_API_KEY, base_url=kluster_env.base_url)
-    file_id = client.files.create(
-        file=open(write_jsonl(tmp_path / "r.jsonl", requests(50)), "rb"), purpose="batch"
-    ).id
+    with open(write_jsonl(tmp_path / "r.jsonl", requests(50)), "rb") as handle:
+        file_id = client.files.create(file=handle, purpose="batch").id
     batch_id = client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
     ).id
@@ -393,7 +392,7 @@ def test_cli_help_and_demo_run(tmp_path, prefect_db_template, capsys, monkeypatc
     # `-m flows.batch_inference` must not find the module imported already by `flows`.
     assert "RuntimeWarning" not in run.stderr, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert len(read_jsonl(out)) == sum(1 for _ in open(ROOT / "deployments/sample-requests.jsonl"))
+    assert len(read_jsonl(out)) == len(read_jsonl(ROOT / "deployments/sample-requests.jsonl"))
     assert main(list(demo)) == 1  # the output exists: refused before any run
     refused = capsys.readouterr()
     assert "already exists" in refused.err
