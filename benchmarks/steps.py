@@ -61,19 +61,22 @@ def proc_stat(pid: int | str) -> tuple[int, int, float, str] | None:
     return int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS, fields[0]
 
 
-def _children_cpu_seconds() -> float:
+def _children_cpu_seconds(exclude: int | None = None) -> float:
     """CPU seconds (user + system) used so far by this process's child processes that are
-    still running (the temporary Prefect server of ``prefect_backend``), from /proc; 0
-    where there is none or no /proc. Read twice around a run, not by a thread: a watcher
-    would take CPU the guide's script does not pay."""
+    still running (the temporary Prefect server of ``prefect_backend``), from /proc, but
+    for ``exclude`` and its own children (the emulator's process); 0 where there is none or
+    no /proc. Read twice around a run, not by a thread: a watcher would take CPU the
+    guide's script does not pay."""
     try:
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return 0.0
     stats = {pid: stat for pid in pids if (stat := proc_stat(pid)) is not None}
     me, total = os.getpid(), 0.0
-    for parent, _, cpu, _ in stats.values():
-        while parent != me and parent in stats:
+    for pid, (parent, _, cpu, _) in stats.items():
+        if pid == exclude:
+            continue
+        while parent not in (me, exclude) and parent in stats:
             parent = stats[parent][0]
         if parent == me:
             total += cpu
@@ -485,36 +488,53 @@ def baseline_join(ids_paths: list[str], result_paths: list[str], output: str) ->
 # --- (c) end to end ---------------------------------------------------------------------
 
 
+class _EmulatorProcess:
+    """The emulator in a process of its own (``python -m emulator``): its work shares the
+    machine's cores with the client, not the client's interpreter."""
+
+    def __init__(self, base_url: str, pid: int) -> None:
+        self.base_url = base_url
+        self.pid = pid
+
+    def stats(self) -> dict[str, Any]:
+        from tests.server import http_json
+
+        return http_json("GET", self.base_url.removesuffix("/v1") + "/_emulator/stats")
+
+
 @contextlib.contextmanager
-def _timed_emulator_validation() -> Iterator[list[float]]:
-    """Time the emulator's validation stage (it has no counter for it) from in-process."""
-    from prefect_kluster.emulator import worker
+def bench_emulator(where: str, lines_per_second: float | None = None) -> Iterator[Any]:
+    """The emulator for (c) and (c2), ``in-process`` (a thread of the step's process, on its
+    interpreter) or in a ``subprocess``; each batch paced at ``lines_per_second`` if given.
+    Yields a handle with ``base_url`` and ``stats()`` (and ``pid``, in a subprocess)."""
+    if where == "in-process":
+        from prefect_kluster.emulator import EmulatorConfig, run_emulator
 
-    spent: list[float] = []
-    original = worker._Run._validate
+        with run_emulator(EmulatorConfig(lines_per_second=lines_per_second)) as emu:
+            yield emu
+        return
+    if where != "subprocess":
+        raise ValueError(f"emulator: in-process or subprocess, not {where!r}")
+    import tempfile
 
-    def timed(self: Any) -> Any:
-        began = time.perf_counter()
-        try:
-            return original(self)
-        finally:
-            spent.append(time.perf_counter() - began)
+    from tests.server import emulator_process
 
-    worker._Run._validate = timed  # type: ignore[method-assign]
-    try:
-        yield spent
-    finally:
-        worker._Run._validate = original  # type: ignore[method-assign]
+    options = [] if lines_per_second is None else ["--lines-per-second", str(lines_per_second)]
+    with (
+        tempfile.TemporaryDirectory(prefix="kluster-bench-emulator-") as logs,
+        emulator_process(Path(logs), *options) as (url, proc),
+    ):
+        yield _EmulatorProcess(url, proc.popen.pid)
 
 
-def _emulator_figures(emu: Any, validation: list[float]) -> dict[str, Any]:
+def _emulator_figures(emu: Any) -> dict[str, Any]:
     batches = emu.stats()["batches"]
     processing = [b["processing_seconds"] or 0.0 for b in batches]
     return {
         "batches": len(batches),
         "emulator_processing_sum": sum(processing),
         "emulator_processing_max": max(processing, default=0.0),
-        "emulator_validation_sum": sum(validation),
+        "emulator_validation_sum": sum(b["validation_seconds"] or 0.0 for b in batches),
         "statuses": sorted({b["status"] for b in batches}),
     }
 
@@ -575,14 +595,15 @@ def ours_e2e(
     output: str,
     lines_per_second: float | None = None,
     max_file_bytes: int | None = None,
+    emulator: str = "in-process",
 ) -> dict[str, Any]:
-    """The flow on ``source`` against the in-process emulator (each batch paced at
-    ``lines_per_second`` if given; shards of at most ``max_file_bytes`` if given)."""
+    """The flow on ``source`` against the emulator (``in-process`` or ``subprocess``; each
+    batch paced at ``lines_per_second`` if given; shards of at most ``max_file_bytes`` if
+    given)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect import flow
 
-    from prefect_kluster.emulator import EmulatorConfig, run_emulator
     from prefect_kluster.flows.batch_inference import batch_inference
 
     @flow
@@ -590,17 +611,13 @@ def ours_e2e(
         return 1
 
     limits = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
-    config = EmulatorConfig(lines_per_second=lines_per_second)
-    with (
-        _timed_emulator_validation() as validation,
-        prefect_backend(),
-        run_emulator(config) as emu,
-    ):
+    with prefect_backend(), bench_emulator(emulator, lines_per_second) as emu:
+        emulator_pid = getattr(emu, "pid", None)  # not the Prefect server's CPU
         os.environ["KLUSTER_API_KEY"] = "emulator-key"
         os.environ["KLUSTER_BASE_URL"] = emu.base_url
         warm_up()  # the temporary Prefect server and the flow machinery, before timing
         with HelperWatch() as watch:
-            server_cpu = _children_cpu_seconds()
+            server_cpu = _children_cpu_seconds(exclude=emulator_pid)
             called_at = time.time()
             start = Clock()
             state = batch_inference(
@@ -612,9 +629,9 @@ def ours_e2e(
                 return_state=True,
             )
             seconds = start.stop()
-            server_cpu = _children_cpu_seconds() - server_cpu
+            server_cpu = _children_cpu_seconds(exclude=emulator_pid) - server_cpu
         result = state.result()
-        figures = _emulator_figures(emu, validation)
+        figures = _emulator_figures(emu)
         timeline = _task_runs(state.state_details.flow_run_id, called_at)
     return _result(
         seconds,
@@ -675,20 +692,21 @@ def _guide_script(client: Any, path: Path, marks: list[tuple[str, float]]) -> tu
 
 
 def baseline_e2e(
-    source: str, lines_per_second: float | None = None, part_bytes: int | None = None
+    source: str,
+    lines_per_second: float | None = None,
+    part_bytes: int | None = None,
+    emulator: str = "in-process",
 ) -> dict[str, Any]:
     """The guide's script shape through the openai SDK on ``source``, or (``part_bytes``)
-    on each part of it in turn, cut first (the cut and making the client are timed too)."""
+    on each part of it in turn, cut first (the cut and making the client are timed too),
+    against the emulator (``in-process`` or ``subprocess``)."""
     import tempfile
 
     from openai import OpenAI
 
-    from prefect_kluster.emulator import EmulatorConfig, run_emulator
-
     scratch = Path(tempfile.mkdtemp(prefix="kluster-guide-parts-"))
-    config = EmulatorConfig(lines_per_second=lines_per_second)
     try:
-        with _timed_emulator_validation() as validation, run_emulator(config) as emu:
+        with bench_emulator(emulator, lines_per_second) as emu:
             start = Clock()
             began = time.perf_counter()
             # The script's own client, timed as the flow's is (its TLS context: 40-55 ms here)
@@ -700,7 +718,7 @@ def baseline_e2e(
                 marks.append(("cut", time.perf_counter()))
             runs = [_guide_script(client, part, marks) for part in parts]
             seconds = start.stop()
-            figures = _emulator_figures(emu, validation)
+            figures = _emulator_figures(emu)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     status = "completed" if all(s == "completed" for s, _ in runs) else "failed"

@@ -103,6 +103,7 @@ class BatchRecord:
     cancel_requested: bool = False
     cancel_mono: float | None = None
     stop_requested: bool = False
+    validation_seconds: float | None = None  # the validation stage's wall time, once done
     started_mono: float | None = None
     finished_mono: float | None = None
     wake: threading.Event = field(default_factory=threading.Event)
@@ -166,6 +167,7 @@ class Store:
                         "total": b.total,
                         "completed": b.completed,
                         "failed": b.failed,
+                        "validation_seconds": b.validation_seconds,
                         "processing_seconds": seconds,
                         # time.monotonic() when it ended (system-wide on Linux: comparable
                         # with a client's on the same machine); None while it runs

@@ -99,7 +99,9 @@ class _Run:
     def run(self) -> None:
         reason = self._sleep(self.store.config.stage_delay)
         if reason is None:
+            began = time.monotonic()
             reason, errors, total = self._validate()
+            self.b.validation_seconds = round(time.monotonic() - began, 6)
             if reason is None and errors:
                 self._finish_failed(errors)
                 return

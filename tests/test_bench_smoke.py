@@ -59,6 +59,7 @@ def test_bench_prints_every_figure(tmp_path):
         "(a) validate + shard",
         "(b) join N=2,000 results",
         "(c) end to end, 500 requests",
+        "(c') end to end, 500 requests (0.2 MB), emulator in a process of its own",
         "peak RSS growth N=200 -> N=2,000",
         "emulator (flow run, 1 batch(es)): validation",
         "time beyond the emulator's own: flow",
@@ -78,6 +79,8 @@ def test_bench_prints_every_figure(tmp_path):
         ("b join", "baseline"),
         ("c e2e", "ours"),
         ("c e2e", "baseline"),
+        ("c' e2e", "ours"),
+        ("c' e2e", "baseline"),
         ("d real shard", "plain read"),
         ("d real shard", "ours"),
         ("d real shard", "no estimate"),
@@ -100,6 +103,11 @@ def test_bench_prints_every_figure(tmp_path):
     # Issue 13's end-to-end targets: against the guide's script, and past the 100 MB limit
     # against its way applied to each part in turn (the quick run cuts four parts).
     assert re.search(r"target e2e flow [\d.]+x the guide's script \(same run\) >= 1\.0x", out)
+    assert re.search(
+        r"target e2e flow, emulator in a subprocess, [\d.]+x the guide's script \(same run\)"
+        r" >= 1\.0x",
+        out,
+    )
     assert re.search(r"target e2e in parts [\d.]+x the guide's way part by part >= 3x", out)
     assert re.search(r"the guide's way: [2-9] part\(s\), one after the other", out)
     assert out.count("MB/s") >= 7 and "peak RSS" in out

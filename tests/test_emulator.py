@@ -669,6 +669,7 @@ def test_stats_and_reset(emu: Emulator, client: openai.OpenAI, tmp_path: Path) -
     assert row["id"] == batch.id and row["status"] == "completed" and row["total"] == 1
     assert row["input_file_id"] == batch.input_file_id
     assert row["processing_seconds"] >= 0 and isinstance(row["created_at"], int)
+    assert row["validation_seconds"] is not None and row["validation_seconds"] >= 0
 
     with httpx.Client(base_url=emu.base_url.replace("/v1", "")) as http:
         changed = http.post("/_emulator/config", json={"list_extras": True}).json()
