@@ -3,19 +3,34 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# Every package at the version the tests last passed with (make lock writes it): a fresh
+# clone installs what was tested, not whatever a registry published since. pyproject.toml
+# keeps the ranges a user's own install resolves within.
+CONSTRAINTS := constraints.txt
 
-.PHONY: install install-dev native browser postgres demo test lint format bench clean
+.PHONY: install install-dev native browser postgres demo test lint format bench clean lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# The newest versions pyproject.toml allows, resolved in a virtual environment of their own
+# and written to constraints.txt; then `make test` installs and tests exactly those.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip --disable-pip-version-check -q install -e '.[dev]'
+	{ echo "# make lock: what make install/install-dev install (pip -c), resolved $$(date -u +%F)"; \
+	  echo "# from pyproject.toml's ranges with $$($(VENV)-lock/bin/python -V)."; \
+	  $(VENV)-lock/bin/python -m pip freeze --exclude prefect-kluster; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(VENV)-lock
 
 # Debian packages, as root or through sudo (the package list follows it).
 APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
