@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -515,8 +516,6 @@ def bench_emulator(where: str, lines_per_second: float | None = None) -> Iterato
         return
     if where != "subprocess":
         raise ValueError(f"emulator: in-process or subprocess, not {where!r}")
-    import tempfile
-
     from tests.server import emulator_process
 
     options = [] if lines_per_second is None else ["--lines-per-second", str(lines_per_second)]
@@ -700,8 +699,6 @@ def baseline_e2e(
     """The guide's script shape through the openai SDK on ``source``, or (``part_bytes``)
     on each part of it in turn, cut first (the cut and making the client are timed too),
     against the emulator (``in-process`` or ``subprocess``)."""
-    import tempfile
-
     from openai import OpenAI
 
     scratch = Path(tempfile.mkdtemp(prefix="kluster-guide-parts-"))
@@ -744,8 +741,6 @@ def poll_hour(shards: int, scale: float, hour: float = 3600.0) -> dict[str, Any]
     scale, only on how many poll cycles fit in the hour."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    import tempfile
-
     from data import MODELS
 
     from prefect_kluster.emulator import EmulatorConfig, run_emulator

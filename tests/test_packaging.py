@@ -22,6 +22,8 @@ import pytest
 import tomllib
 from conftest import TEST_API_KEY
 from helpers import read_jsonl, requests, write_jsonl
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prefect.settings import PREFECT_API_URL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,8 +281,6 @@ def test_no_tasks_module_names_flows_even_in_a_late_import(module: str) -> None:
 
 def _pins() -> dict[str, str]:
     """constraints.txt (make lock) as {canonical name: version}."""
-    from packaging.utils import canonicalize_name
-
     pins: dict[str, str] = {}
     for number, line in enumerate((ROOT / "constraints.txt").read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -297,9 +297,6 @@ def test_constraints_pin_every_declared_dependency_within_its_range() -> None:
     ranges, for every dependency and the dev extra (which holds parquet's and s3's): a lock
     that drifted out of them fails here, not as a pip conflict on a fresh clone. The gcs
     and azure extras are neither installed nor tested here, so they are not locked."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
     declared += project["optional-dependencies"]["dev"]
